@@ -1,0 +1,55 @@
+# Private GPT: the one entry point for people and CI.
+#   make run    set everything up and serve http://127.0.0.1:8000
+#   make test   install the dev tools and run the whole suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= training/configs/tiny-cpu.yaml
+
+.PHONY: run test install install-dev chromium lint format migrate clean
+
+run: $(VENV)/.installed
+	$(BIN)/python -m app serve
+
+test: $(VENV)/.installed-dev chromium
+	$(BIN)/ruff check app training tests bench
+	$(BIN)/python -m pytest
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; sys.exit("Python 3.11 or newer is needed" if sys.version_info < (3, 11) else 0)'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml scripts/install-torch | $(BIN)/python
+	scripts/install-torch $(BIN)/pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# The browser tests drive Debian's Chromium (browser downloads are not possible here).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "Install Chromium (Debian/Ubuntu: sudo apt-get install chromium) for the browser tests"; exit 1; fi; }
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check app training tests bench
+	$(BIN)/ruff format --check app training tests bench
+	$(BIN)/mypy
+
+format: $(VENV)/.installed-dev
+	$(BIN)/ruff format app training tests bench
+	$(BIN)/ruff check --fix app training tests bench
+
+migrate: $(VENV)/.installed
+	$(BIN)/python -m app migrate
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

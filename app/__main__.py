@@ -1,0 +1,111 @@
+"""Private GPT's command line: serve, migrate, and bootstrap users on an on-prem install.
+
+python -m app serve                      migrate the database, then serve HOST:PORT
+python -m app migrate                    apply the database migrations
+python -m app create-user --email E --password P [--admin]
+python -m app create-api-key --email E [--name N]   (prints the key once)
+python -m app build-demo-model [DIR]     build the embedded demo model
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from app.config import ConfigError, Settings, get_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app", description="Private GPT")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="migrate the database, then serve the chat and the API")
+    commands.add_parser("migrate", help="apply the database migrations")
+    user = commands.add_parser("create-user", help="create a user (or an admin) who signs in with a password")
+    user.add_argument("--email", required=True)
+    user.add_argument("--password", help="read from the PGPT_PASSWORD variable when left out")
+    user.add_argument("--admin", action="store_true", help="give the user the admin role")
+    key = commands.add_parser("create-api-key", help="create an API key for a user and print it once")
+    key.add_argument("--email", required=True)
+    key.add_argument("--name", default="", help="a label to recognise the key by")
+    demo = commands.add_parser("build-demo-model", help="build the embedded demo model")
+    demo.add_argument("directory", nargs="?", type=Path, help="default: DATA_DIR/models/demo")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = get_settings()
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        return serve(settings)
+    if args.command == "migrate":
+        from app.migrate import upgrade_database
+
+        upgrade_database(settings.sqlalchemy_url)
+        return 0
+    if args.command == "build-demo-model":
+        from app.llm.demo import ensure_demo_model
+
+        print(ensure_demo_model(args.directory or settings.demo_model_dir))
+        return 0
+    from app.migrate import upgrade_database
+
+    upgrade_database(settings.sqlalchemy_url)  # a fresh install can create its first admin at once
+    return asyncio.run(_manage(settings, args))
+
+
+async def _manage(settings: Settings, args: argparse.Namespace) -> int:
+    from app.auth import service as auth
+    from app.db import create_engine, create_sessionmaker
+    from app.models import Role
+
+    engine = create_engine(settings.sqlalchemy_url)
+    try:
+        async with create_sessionmaker(engine)() as db:
+            if args.command == "create-user":
+                password = args.password or os.environ.get("PGPT_PASSWORD", "")
+                try:
+                    user = await auth.create_user(
+                        db, email=args.email, password=password, role=Role.ADMIN if args.admin else Role.USER
+                    )
+                except auth.UserError as error:
+                    print(f"error: {error}", file=sys.stderr)
+                    return 1
+                print(f"created {user.role.value} {user.email}")
+            else:
+                found = await auth.get_user_by_email(db, args.email)
+                if found is None:
+                    print(
+                        f"error: no user with the email {args.email}; create it with create-user",
+                        file=sys.stderr,
+                    )
+                    return 1
+                key, _ = await auth.create_api_key(db, user=found, secret=settings.secret(), name=args.name)
+                print(key)
+    finally:
+        await engine.dispose()
+    return 0
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from app.main import create_app
+    from app.migrate import upgrade_database
+
+    upgrade_database(settings.sqlalchemy_url)
+    print(f"Private GPT: http://{settings.host}:{settings.port}", flush=True)
+    # One worker process: it owns the GPU; concurrency comes from the engine and asyncio.
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, proxy_headers=True, log_level="info"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

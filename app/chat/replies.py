@@ -1,0 +1,78 @@
+"""Start and stop replies: the service between the chat routes and the generation engine."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.chat.conversations import ChatError, add_exchange, history_turns, list_messages
+from app.chat.jobs import GenerationJob, JobManager
+from app.llm.engine import GenerationEngine, GenerationRequest, SamplingParams
+from app.llm.prompts import ChatTurn, build_prompt
+from app.models import Conversation, Message, MessageRole, MessageStatus
+
+
+@dataclass(frozen=True)
+class ReplySettings:
+    system_prompt: str
+    max_tokens: int
+    temperature: float
+    top_p: float
+
+
+@dataclass(frozen=True)
+class StartedReply:
+    user_message: Message | None
+    reply: Message
+    job: GenerationJob
+
+
+def prompt_request(
+    engine: GenerationEngine, turns: Sequence[ChatTurn], sampling: SamplingParams
+) -> GenerationRequest:
+    """Build the engine request for a conversation; raises PromptTooLong or ValueError."""
+    window = engine.model.context_window
+    if sampling.max_tokens >= window:
+        raise ValueError(f"max_tokens must be below the model's context window of {window} tokens")
+    prompt = build_prompt(engine.model.tokenizer, turns, max_prompt_tokens=window - sampling.max_tokens)
+    return GenerationRequest(prompt_ids=prompt.token_ids, sampling=sampling)
+
+
+async def start_reply(
+    db: AsyncSession,
+    *,
+    conversation: Conversation,
+    user_text: str | None,
+    engine: GenerationEngine,
+    jobs: JobManager,
+    settings: ReplySettings,
+) -> StartedReply:
+    """Store the user's message (None: regenerate the last reply) and start the model on a reply.
+
+    The engine is asked first, so a full queue refuses the message before anything is stored
+    (the user's text stays in their composer to send again).
+    """
+    messages = list(await list_messages(db, conversation))
+    if any(m.status is MessageStatus.STREAMING and jobs.get(m.id) for m in messages):
+        raise ChatError("a reply is still being written in this conversation; stop it or wait for it")
+    if user_text is None:
+        if not messages or messages[-1].role is not MessageRole.ASSISTANT:
+            raise ChatError("there is no reply to regenerate")
+        await db.delete(messages.pop())
+        await db.flush()
+    turns = [ChatTurn("system", settings.system_prompt)] if settings.system_prompt else []
+    turns += history_turns(messages)
+    if user_text is not None:
+        turns.append(ChatTurn("user", user_text))
+    sampling = SamplingParams(
+        max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p
+    )
+    stream = engine.submit(prompt_request(engine, turns, sampling))
+    try:
+        user_message, reply = await add_exchange(db, conversation=conversation, user_text=user_text)
+    except BaseException:
+        stream.cancel()
+        raise
+    return StartedReply(user_message, reply, jobs.start(reply.id, stream))

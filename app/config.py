@@ -1,0 +1,171 @@
+"""Settings, read from the environment and `.env`, validated once at start-up.
+
+Every field can be set as an environment variable of the same name in upper case
+(`MODEL_ID`, `DATABASE_URL`, ...). `get_settings()` is the one way to reach them; nothing
+reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import secrets
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Self
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEMO_MODEL_NAME = "private-gpt-demo"
+
+
+class Quantization(StrEnum):
+    NF4 = "nf4"
+    FP4 = "fp4"
+    INT8 = "int8"
+    NONE = "none"
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    environment: Environment = Environment.DEVELOPMENT
+    # Where the SQLite database, the demo model and the secret key live by default.
+    data_dir: Path = Path("data")
+    # Empty means SQLite at DATA_DIR/private-gpt.db. PostgreSQL: postgresql://user:pass@host/db
+    database_url: str = ""
+
+    # A local directory or a Hugging Face hub id; empty means the embedded demo model.
+    model_id: str = ""
+    # The name API clients use in `model`; defaults to MODEL_ID (or the demo model's name).
+    served_model_name: str = ""
+    quantization: Quantization = Quantization.NF4
+    # auto = CUDA when a GPU is visible, else the CPU (bitsandbytes runs NF4 there too).
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    # Override the model's own context length (tokens of prompt + reply).
+    context_window: Annotated[int, Field(ge=64)] | None = None
+
+    # Generation limits and defaults.
+    max_new_tokens: Annotated[int, Field(ge=1)] = 512
+    max_new_tokens_limit: Annotated[int, Field(ge=1)] = 4096
+    default_temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
+    default_top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
+    system_prompt: str = "You are a helpful assistant for the employees of this company."
+    # Sequences decoding at once; more wait in the queue, and past that requests get 429.
+    max_running_generations: Annotated[int, Field(ge=1)] = 4
+    max_queued_generations: Annotated[int, Field(ge=0)] = 32
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    # HMAC key for session and API-key hashes. Generated into DATA_DIR in development;
+    # production refuses to start without one.
+    secret_key: SecretStr | None = None
+    session_ttl_hours: Annotated[int, Field(ge=1)] = 24 * 7
+    # Mark cookies Secure (HTTPS only). Set it whenever the app is reached over HTTPS.
+    cookie_secure: bool = False
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite", "postgresql", "postgres://")):
+            raise ValueError(
+                "must start with sqlite:/// or postgresql:// (other databases are not supported)"
+            )
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters; generate one with: openssl rand -hex 32")
+        return value
+
+    @model_validator(mode="after")
+    def _production_is_explicit(self) -> Self:
+        if self.environment is Environment.PRODUCTION:
+            if self.secret_key is None:
+                raise ValueError("SECRET_KEY must be set in production (openssl rand -hex 32)")
+            if not self.model_id:
+                raise ValueError(
+                    "MODEL_ID must be set in production (the demo model is for trying things out)"
+                )
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("MAX_NEW_TOKENS must not exceed MAX_NEW_TOKENS_LIMIT")
+        return self
+
+    @property
+    def uses_demo_model(self) -> bool:
+        return not self.model_id
+
+    @property
+    def demo_model_dir(self) -> Path:
+        return self.data_dir / "models" / "demo"
+
+    @property
+    def model_path_or_id(self) -> str:
+        return self.model_id or str(self.demo_model_dir)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model_id or DEMO_MODEL_NAME
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The async driver URL the server uses."""
+        return async_database_url(self.database_url or f"sqlite:///{self.data_dir.resolve()}/private-gpt.db")
+
+    def secret(self) -> bytes:
+        """The HMAC key: SECRET_KEY, or in development one generated once into DATA_DIR."""
+        if self.secret_key is not None:
+            return self.secret_key.get_secret_value().encode()
+        path = self.data_dir / "secret_key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_hex(32))
+            path.chmod(0o600)
+        return path.read_text().strip().encode()
+
+
+def async_database_url(url: str) -> str:
+    """Map a plain database URL onto the async drivers we ship (aiosqlite, psycopg 3)."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url.removeprefix("postgres://")
+    scheme, _, rest = url.partition("://")
+    driverless = scheme.split("+")[0]
+    if driverless == "sqlite":
+        return f"sqlite+aiosqlite://{rest}"
+    if driverless == "postgresql":
+        return f"postgresql+psycopg://{rest}"
+    return url
+
+
+def sync_database_url(url: str) -> str:
+    """The same database through a synchronous driver (for Alembic)."""
+    return url.replace("sqlite+aiosqlite://", "sqlite://")
+
+
+class ConfigError(SystemExit):
+    """Raised instead of a traceback when the settings are invalid."""
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    lines = ["Invalid configuration (set these in the environment or in .env):"]
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]).upper() or "settings"
+        given = item.get("input")
+        shown = "" if isinstance(given, dict) or field == "SECRET_KEY" else f" (got {given!r})"
+        lines.append(f"  {field}: {item['msg'].removeprefix('Value error, ')}{shown}")
+    return "\n".join(lines)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from None

@@ -1,0 +1,101 @@
+"""FastAPI dependencies, as Annotated aliases the routes declare in their signatures."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from fastapi import Depends, HTTPException, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.auth import service as auth
+from app.models import AuthSession, User
+from app.services import Services
+
+SESSION_COOKIE = "pgpt_session"
+LOGIN_CSRF_COOKIE = "pgpt_login_csrf"
+CSRF_HEADER = "X-CSRF-Token"
+CSRF_FIELD = "csrf_token"
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class LoginRequired(Exception):
+    """No valid session; HTML routes answer with the login page."""
+
+
+class ApiAuthError(Exception):
+    """No valid API key; /v1 routes answer 401 in OpenAI's error format."""
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def get_db(services: ServicesDep) -> AsyncIterator[AsyncSession]:
+    async with services.sessionmaker() as db:
+        yield db
+
+
+DbDep = Annotated[AsyncSession, Depends(get_db)]
+
+
+async def get_auth_session(request: Request, db: DbDep, services: ServicesDep) -> AuthSession | None:
+    token = request.cookies.get(SESSION_COOKIE)
+    if not token:
+        return None
+    return await auth.resolve_session(db, token=token, secret=services.secret)
+
+
+OptionalSession = Annotated[AuthSession | None, Depends(get_auth_session)]
+
+
+async def require_session(request: Request, session: OptionalSession) -> AuthSession:
+    if session is None:
+        raise LoginRequired()
+    if request.method in UNSAFE_METHODS:
+        await check_csrf(request, session.csrf_token)
+    return session
+
+
+CurrentSession = Annotated[AuthSession, Depends(require_session)]
+
+
+async def require_user(session: CurrentSession) -> User:
+    return session.user
+
+
+CurrentUser = Annotated[User, Depends(require_user)]
+
+
+async def check_csrf(request: Request, expected: str) -> None:
+    """Refuse a state-changing request without this session's token, or from another origin."""
+    origin = request.headers.get("origin")
+    if origin and origin != "null" and urlsplit(origin).netloc != request.url.netloc:
+        raise HTTPException(403, "cross-origin request refused")
+    sent = request.headers.get(CSRF_HEADER)
+    if sent is None:
+        form = await request.form()
+        value = form.get(CSRF_FIELD)
+        sent = value if isinstance(value, str) else None
+    if not sent or not hmac.compare_digest(sent, expected):
+        raise HTTPException(403, "missing or invalid CSRF token; reload the page and try again")
+
+
+async def require_api_user(request: Request, db: DbDep, services: ServicesDep) -> User:
+    # Only the standard header: a second way in (e.g. x-api-key) is a second thing to get wrong.
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise ApiAuthError("missing API key: send it as 'Authorization: Bearer <key>'")
+    user = await auth.resolve_api_key(db, key=key.strip(), secret=services.secret)
+    if user is None:
+        raise ApiAuthError("invalid API key")
+    return user
+
+
+ApiUser = Annotated[User, Depends(require_api_user)]

@@ -1,0 +1,122 @@
+"""Build the embedded demo model: a small Falcon-architecture model and a locally trained tokenizer.
+
+Nothing can be downloaded on an air-gapped server (or on our CI), so the demo and the tests use
+a model this module builds: Falcon-7B's architecture (multi-query attention, parallel attention
+and MLP, rotary positions) at a tiny size, with a byte-level BPE tokenizer trained with the
+`tokenizers` library on `demo_corpus.txt`. It is saved as an ordinary Hugging Face model
+directory and served through the same loader as a real checkpoint.
+
+Its weights are random, so it writes word salad from the corpus' vocabulary. The output head is
+scaled so that sampling is decisive, and its end-of-text row is zero, so replies run until the
+token limit (a random model that stopped at random would make a poor demo and flaky tests).
+
+    python -m app build-demo-model [DIR]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+EOS_TOKEN = "<|endoftext|>"
+DEMO_MARKER = "private_gpt_demo.json"
+
+
+@dataclass(frozen=True)
+class DemoModelShape:
+    vocab_size: int = 2048
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    context_window: int = 8192
+    seed: int = 0
+    # "never": the end-of-text logit is pinned to zero (replies run to the token limit);
+    # "always": it dominates (replies end at once), for tests of the end-of-text path.
+    eos: str = "never"
+
+
+def is_demo_model(path: str | Path) -> bool:
+    return (Path(path) / DEMO_MARKER).is_file()
+
+
+def ensure_demo_model(path: Path, shape: DemoModelShape | None = None) -> Path:
+    """Build the demo model into `path` unless a complete one is already there."""
+    if not is_demo_model(path):
+        build_demo_model(path, shape or DemoModelShape())
+    return path
+
+
+def build_demo_model(path: Path, shape: DemoModelShape) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import FalconConfig, FalconForCausalLM, PreTrainedTokenizerFast
+
+    corpus = (Path(__file__).with_name("demo_corpus.txt")).read_text(encoding="utf-8").splitlines()
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=shape.vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=EOS_TOKEN
+    )
+    tokenizer.model_max_length = shape.context_window
+    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+
+    config = FalconConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        multi_query=True,
+        parallel_attn=True,
+        new_decoder_architecture=False,
+        bias=False,
+        alibi=False,
+        max_position_embeddings=shape.context_window,
+        tie_word_embeddings=False,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    torch.manual_seed(shape.seed)
+    model = FalconForCausalLM(config)
+    with torch.no_grad():
+        head = model.lm_head.weight
+        # Logits with a spread of a few units make sampling pick among a handful of tokens.
+        head.mul_(3.0 / (head.std() * shape.hidden_size**0.5))
+        # One hidden dimension carries a constant (the final norm's bias), read only by the rows
+        # we steer: tokens that are not clean text (lone bytes of a multi-byte character, control
+        # characters) are pushed out of reach, and end-of-text is pinned as `shape.eos` says.
+        steer = torch.zeros(len(tokenizer))
+        for token_id in range(len(tokenizer)):
+            text = tokenizer.decode([token_id])
+            if token_id != eos_id and not _clean(text):
+                steer[token_id] = -10.0
+        steer[eos_id] = {"never": -10.0, "always": 10.0}[shape.eos]
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 10.0
+        head[:, 0] = steer
+
+    tmp = path.with_name(path.name + ".building")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / DEMO_MARKER).write_text(json.dumps({"shape": shape.__dict__}, indent=1))
+    # Rename last, so a half-written directory is never mistaken for a model.
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
+
+
+def _clean(text: str) -> bool:
+    return bool(text) and "\ufffd" not in text and all(c.isprintable() or c in " \n" for c in text)

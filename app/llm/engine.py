@@ -1,0 +1,361 @@
+"""The generation engine: owns the model, schedules requests, and streams their text.
+
+One worker thread runs every forward pass, so the event loop never waits on the model and no
+two requests touch the model at once. Callers on the event loop `submit()` a
+`GenerationRequest` and iterate the returned `GenerationStream` for `TextDelta`s; the stream
+ends with a `GenerationResult`. `cancel()` on a stream takes effect before the next token.
+
+Scheduling today: up to `max_running` sequences decode in turns, one token each per round, so
+every user sees progress; further requests wait in a bounded FIFO queue, and past that
+`submit()` raises `EngineOverloaded` at once (the API turns it into 429 + Retry-After).
+The interface is what continuous batching and per-request adapters will plug into: they change
+how `_step_all` runs a round, not how callers talk to the engine.
+
+Text comes out UTF-8-safe (a character split across tokens is held back until complete), and
+stop sequences are held back until they can be ruled out, so no stop text is ever streamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from app.llm.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.7  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: Sequence[int]
+    sampling: SamplingParams
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float | None
+    duration_s: float
+    error: str | None = None
+
+
+class EngineOverloaded(Exception):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"the model is busy with other requests; try again in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class EngineNotRunning(Exception):
+    pass
+
+
+class GenerationStream:
+    """The caller's end of one request: an async iterator of TextDelta, then `.result`."""
+
+    def __init__(self, engine: GenerationEngine, request: GenerationRequest) -> None:
+        self.request = request
+        self.result: GenerationResult | None = None
+        self._engine = engine
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[TextDelta | GenerationResult] = asyncio.Queue()
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop generating before the next token; the stream then ends with finish_reason cancelled."""
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            self._engine._wake(self)
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> TextDelta:
+        if self.result is not None:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, GenerationResult):
+            self.result = item
+            raise StopAsyncIteration
+        return item
+
+    async def collect(self) -> tuple[str, GenerationResult]:
+        parts = [delta.text async for delta in self]
+        assert self.result is not None
+        return "".join(parts), self.result
+
+    def _deliver(self, item: TextDelta | GenerationResult) -> bool:
+        """Called from the worker thread; False when the caller's loop is gone."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:
+            return False
+        return True
+
+
+class IncrementalDetokenizer:
+    """Decode token by token without splitting characters or dropping tokenizer spacing.
+
+    Decodes a small window ending at the new token and emits only the new suffix, as TGI and
+    vLLM do; a trailing U+FFFD means a multi-byte character is incomplete, so we wait.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-6:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        text = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix) :]
+        return ""
+
+
+class StopMatcher:
+    """Cut the text at the first stop sequence, holding back what might be the start of one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.emitted = 0
+
+    def push(self, delta: str) -> tuple[str, bool]:
+        """Add decoded text; return (text safe to stream, whether a stop sequence was hit)."""
+        self.text += delta
+        hits = [i for i in (self.text.find(s, self.emitted) for s in self.stops) if i >= 0]
+        if hits:
+            end = min(hits)
+            out, self.emitted = self.text[self.emitted : end], end
+            self.text = self.text[:end]
+            return out, True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        end = max(self.emitted, len(self.text) - hold)
+        out, self.emitted = self.text[self.emitted : end], end
+        return out, False
+
+    def flush(self) -> str:
+        out, self.emitted = self.text[self.emitted :], len(self.text)
+        return out
+
+
+class _Sequence:
+    """One request's state inside the worker thread."""
+
+    def __init__(self, stream: GenerationStream, model: LoadedModel) -> None:
+        self.stream = stream
+        request = stream.request
+        self.params = request.sampling
+        self.prompt_len = len(request.prompt_ids)
+        self.pending: list[int] = list(request.prompt_ids)  # tokens still to feed the model
+        self.cache: Any = None
+        self.generated = 0
+        self.detokenizer = IncrementalDetokenizer(model.tokenizer, request.prompt_ids)
+        self.stops = StopMatcher(self.params.stop)
+        self.hit_stop_sequence = False
+        self.generator = torch.Generator(device=model.device)
+        self.generator.manual_seed(self.params.seed if self.params.seed is not None else secrets.randbits(63))
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    def result(self, reason: FinishReason, error: str | None = None) -> GenerationResult:
+        now = time.perf_counter()
+        return GenerationResult(
+            finish_reason=reason,
+            prompt_tokens=self.prompt_len,
+            completion_tokens=self.generated,
+            time_to_first_token_s=None if self.first_token_at is None else self.first_token_at - self.started,
+            duration_s=now - self.started,
+            error=error,
+        )
+
+
+class GenerationEngine:
+    def __init__(self, model: LoadedModel, *, max_running: int = 4, max_queued: int = 32) -> None:
+        self.model = model
+        self.max_running = max_running
+        self.max_queued = max_queued
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._running: list[_Sequence] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._recent_durations: collections.deque[float] = collections.deque(maxlen=32)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Cancel everything in flight, wait for the worker to finish its step, and stop it."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def load(self) -> dict[str, int]:
+        with self._cond:
+            return {"running": len(self._running), "waiting": len(self._waiting)}
+
+    # -- the event loop's side -----------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> GenerationStream:
+        """Queue a request; raises EngineOverloaded at once when the queue is full."""
+        if not self.running:
+            raise EngineNotRunning("the generation engine is not running")
+        if request.sampling.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        stream = GenerationStream(self, request)
+        with self._cond:
+            if len(self._waiting) + len(self._running) >= self.max_running + self.max_queued:
+                raise EngineOverloaded(self._retry_after())
+            self._waiting.append(_Sequence(stream, self.model))
+            self._cond.notify_all()
+        return stream
+
+    def _wake(self, stream: GenerationStream) -> None:
+        with self._cond:
+            for seq in self._waiting:
+                if seq.stream is stream:
+                    # Never started: answer at once instead of waiting for a slot.
+                    self._waiting.remove(seq)
+                    seq.stream._deliver(seq.result("cancelled"))
+                    break
+            self._cond.notify_all()
+
+    def _retry_after(self) -> int:
+        typical = (
+            sorted(self._recent_durations)[len(self._recent_durations) // 2] if self._recent_durations else 5
+        )
+        queued_rounds = (len(self._waiting) + len(self._running)) / self.max_running
+        return max(1, math.ceil(typical * max(queued_rounds, 1) / 2))
+
+    # -- the worker thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and not self._running:
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    while self._waiting and len(self._running) < self.max_running:
+                        self._running.append(self._waiting.popleft())
+                self._step_all()
+        with self._cond:
+            for seq in [*self._running, *self._waiting]:
+                seq.stream._deliver(seq.result("cancelled", "the server is shutting down"))
+            self._running.clear()
+            self._waiting.clear()
+
+    def _step_all(self) -> None:
+        """One round: every running sequence advances by one token (the first round prefills)."""
+        for seq in list(self._running):
+            if seq.stream.cancelled.is_set():
+                self._finish(seq, "cancelled")
+                continue
+            try:
+                self._step(seq)
+            except Exception as error:  # one request's failure must not take down the others
+                log.exception("generation %s failed", seq.stream.request.request_id)
+                if isinstance(error, torch.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+                self._finish(seq, "error", f"{type(error).__name__}: {error}")
+
+    def _step(self, seq: _Sequence) -> None:
+        loaded = self.model
+        if seq.cache is None:
+            from transformers import DynamicCache
+
+            seq.cache = DynamicCache(config=loaded.model.config)
+        inputs = torch.tensor([seq.pending], device=loaded.device)
+        out = loaded.model(input_ids=inputs, past_key_values=seq.cache, use_cache=True, logits_to_keep=1)
+        token = sample_token(out.logits[0, -1], seq.params, seq.generator)
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+        if token in loaded.eos_token_ids:
+            self._finish(seq, "stop")
+            return
+        seq.generated += 1
+        seq.pending = [token]
+        text, hit_stop = seq.stops.push(seq.detokenizer.push(token))
+        if text and not seq.stream._deliver(TextDelta(text, seq.generated)):
+            self._finish(seq, "cancelled")
+            return
+        if hit_stop:
+            seq.hit_stop_sequence = True
+            self._finish(seq, "stop")
+        elif (
+            seq.generated >= seq.params.max_tokens or seq.prompt_len + seq.generated >= loaded.context_window
+        ):
+            self._finish(seq, "length")
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, error: str | None = None) -> None:
+        if reason in ("stop", "length") and not seq.hit_stop_sequence:
+            # Text held back as a possible stop sequence turned out not to be one.
+            tail = seq.stops.flush()
+            if tail:
+                seq.stream._deliver(TextDelta(tail, seq.generated))
+        result = seq.result(reason, error)
+        self._recent_durations.append(result.duration_s)
+        seq.cache = None  # free the KV cache now, not when the caller lets go of the stream
+        with self._cond, contextlib.suppress(ValueError):
+            self._running.remove(seq)
+        seq.stream._deliver(result)
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Greedy at temperature 0; otherwise temperature and nucleus (top-p) sampling."""
+    if params.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,143 @@
+"""The FastAPI application: `create_app()` wires settings, services, routes and error pages.
+
+Run it with `python -m app serve` (or `make run`); the services (database, model, engine) are
+built in the lifespan, not at import, so tests can build the app with their own settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.config import Settings, get_settings
+from app.deps import ApiAuthError, LoginRequired
+from app.openai_protocol import error_body
+from app.routes import auth, chat, health, openai_api
+from app.routes.html import is_htmx
+from app.services import build_services
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+# No inline script or style anywhere: the vendored htmx runs with eval and inline styles off.
+SECURITY_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+        b"object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"x-frame-options", b"DENY"),
+]
+
+
+class SecurityHeaders:
+    """Adds the security headers to every response (pure ASGI, so streams are not buffered)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.services = await build_services(settings or get_settings())
+        try:
+            yield
+        finally:
+            await app.state.services.close()
+
+    app = FastAPI(title="Private GPT", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(SecurityHeaders)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    for router in (health.router, auth.router, chat.router, openai_api.router):
+        app.include_router(router)
+    _add_error_handlers(app)
+    return app
+
+
+def _is_api(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LoginRequired)
+    async def login_required(request: Request, _: LoginRequired) -> Response:
+        target = f"/login?next={quote(request.url.path)}"
+        if is_htmx(request):
+            return Response(status_code=401, headers={"HX-Redirect": target})
+        if request.method == "GET" and "text/event-stream" not in request.headers.get("accept", ""):
+            return Response(status_code=303, headers={"Location": target})
+        return JSONResponse({"detail": "sign in first"}, status_code=401)
+
+    @app.exception_handler(ApiAuthError)
+    async def api_auth(_: Request, error: ApiAuthError) -> Response:
+        return JSONResponse(
+            error_body(str(error), "authentication_error", "invalid_api_key"),
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    @app.exception_handler(openai_api.ApiError)
+    async def api_error(_: Request, error: openai_api.ApiError) -> Response:
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> Response:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in item['loc'] if p != 'body')}: {item['msg']}"
+            for item in error.errors()
+        )
+        if _is_api(request):
+            return JSONResponse(error_body(problems, "invalid_request_error"), status_code=400)
+        return JSONResponse({"detail": problems}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        if _is_api(request):
+            code = "not_found" if error.status_code == 404 else None
+            return JSONResponse(
+                error_body(str(error.detail), "invalid_request_error", code), error.status_code
+            )
+        if is_htmx(request) or "text/html" not in request.headers.get("accept", ""):
+            return JSONResponse({"detail": error.detail}, error.status_code, headers=error.headers)
+        services = getattr(request.app.state, "services", None)
+        if services is None:
+            return HTMLResponse(str(error.detail), error.status_code)
+        return services.templates.TemplateResponse(
+            request,
+            "pages/error.html",
+            {"status": error.status_code, "detail": error.detail},
+            status_code=error.status_code,
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        if _is_api(request):
+            return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+        return HTMLResponse("Internal server error; the details are in the server log.", status_code=500)

@@ -1,0 +1,305 @@
+"""The chat pages: conversations in the sidebar, messages in the transcript, replies streamed over SSE.
+
+Sending is a POST that stores the message and starts a server-side job; the page then tails the
+job over SSE (GET, so EventSource can reconnect on its own with Last-Event-ID). Stop is a POST of
+its own. Closing the tab does not stop the reply: it is finished and stored either way.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Header, HTTPException, Request
+from fastapi.responses import HTMLResponse, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from app.chat import conversations as chats
+from app.chat.render import render_stream_text
+from app.chat.replies import StartedReply, start_reply
+from app.deps import CurrentSession, DbDep, ServicesDep
+from app.llm.engine import EngineOverloaded
+from app.llm.prompts import PromptTooLong
+from app.models import Conversation, Message, MessageStatus
+from app.routes.html import is_htmx, notice, redirect, render
+from app.services import Services
+
+router = APIRouter(tags=["chat"])
+
+
+async def _conversation(db: DbDep, session: CurrentSession, conversation_id: str) -> Conversation:
+    conversation = await chats.get_conversation(db, session.user, conversation_id)
+    if conversation is None:
+        raise HTTPException(404, "no such conversation")
+    return conversation
+
+
+async def _message(db: DbDep, conversation: Conversation, message_id: str) -> Message:
+    message = await chats.get_message(db, conversation, message_id)
+    if message is None:
+        raise HTTPException(404, "no such message")
+    return message
+
+
+def stream_state(services: Services, messages: list[Message]) -> dict[str, tuple[str, int]]:
+    """For replies still being written: the text so far and the last event id it includes."""
+    state = {}
+    for message in messages:
+        job = services.jobs.get(message.id) if message.status is MessageStatus.STREAMING else None
+        if job is not None and not job.finished:
+            state[str(message.id)] = job.snapshot()
+    return state
+
+
+async def _start(
+    request: Request, services: Services, db: DbDep, conversation: Conversation, text: str | None
+) -> StartedReply | Response:
+    try:
+        return await start_reply(
+            db,
+            conversation=conversation,
+            user_text=text,
+            engine=services.engine,
+            jobs=services.jobs,
+            settings=services.reply_settings,
+        )
+    except EngineOverloaded as error:
+        return notice(
+            request,
+            services,
+            f"The assistant is busy right now. Try again in {error.retry_after_s} s.",
+            status_code=429,
+            headers={"Retry-After": str(error.retry_after_s)},
+        )
+    except chats.ChatError as error:
+        return notice(request, services, f"{str(error).capitalize()}.", status_code=409)
+    except (PromptTooLong, ValueError) as error:
+        return notice(request, services, f"{str(error).capitalize()}.", status_code=400)
+
+
+@router.get("/", response_class=HTMLResponse)
+async def new_chat(request: Request, services: ServicesDep, db: DbDep, session: CurrentSession) -> Response:
+    return render(
+        request,
+        services,
+        "pages/chat.html",
+        session=session,
+        conversation=None,
+        messages=[],
+        streams={},
+        conversations=await chats.list_conversations(db, session.user),
+    )
+
+
+@router.post("/c")
+async def create_chat(
+    request: Request,
+    services: ServicesDep,
+    db: DbDep,
+    session: CurrentSession,
+    message: Annotated[str, Form()],
+) -> Response:
+    """Start a conversation with its first message, then open it."""
+    try:
+        text = chats.clean_message(message)
+    except chats.ChatError as error:
+        return notice(request, services, f"{str(error).capitalize()}.", status_code=400)
+    conversation = await chats.create_conversation(db, user=session.user)
+    started = await _start(request, services, db, conversation, text)
+    if isinstance(started, Response):
+        return started
+    return redirect(request, f"/c/{conversation.id}")
+
+
+@router.get("/c/{conversation_id}", response_class=HTMLResponse)
+async def show_chat(
+    request: Request, services: ServicesDep, db: DbDep, session: CurrentSession, conversation_id: str
+) -> Response:
+    conversation = await _conversation(db, session, conversation_id)
+    messages = list(await chats.list_messages(db, conversation))
+    return render(
+        request,
+        services,
+        "pages/chat.html",
+        session=session,
+        conversation=conversation,
+        messages=messages,
+        streams=stream_state(services, messages),
+        conversations=await chats.list_conversations(db, session.user),
+    )
+
+
+@router.post("/c/{conversation_id}/messages", response_class=HTMLResponse)
+async def send_message(
+    request: Request,
+    services: ServicesDep,
+    db: DbDep,
+    session: CurrentSession,
+    conversation_id: str,
+    message: Annotated[str, Form()],
+) -> Response:
+    conversation = await _conversation(db, session, conversation_id)
+    try:
+        text = chats.clean_message(message)
+    except chats.ChatError as error:
+        return notice(request, services, f"{str(error).capitalize()}.", status_code=400)
+    started = await _start(request, services, db, conversation, text)
+    if isinstance(started, Response):
+        return started
+    return render(
+        request,
+        services,
+        "partials/exchange.html",
+        session=session,
+        conversation=conversation,
+        messages=[started.user_message, started.reply],
+        streams={str(started.reply.id): ("", 0)},
+    )
+
+
+@router.post("/c/{conversation_id}/messages/{message_id}/regenerate", response_class=HTMLResponse)
+async def regenerate(
+    request: Request,
+    services: ServicesDep,
+    db: DbDep,
+    session: CurrentSession,
+    conversation_id: str,
+    message_id: str,
+) -> Response:
+    """Replace the last reply with a new one (the page swaps it in place)."""
+    conversation = await _conversation(db, session, conversation_id)
+    message = await _message(db, conversation, message_id)
+    messages = await chats.list_messages(db, conversation)
+    if messages[-1].id != message.id:
+        return notice(request, services, "Only the newest reply can be regenerated.", status_code=409)
+    started = await _start(request, services, db, conversation, None)
+    if isinstance(started, Response):
+        return started
+    return render(
+        request,
+        services,
+        "partials/message.html",
+        session=session,
+        conversation=conversation,
+        message=started.reply,
+        streams={str(started.reply.id): ("", 0)},
+        last=True,
+    )
+
+
+@router.get("/c/{conversation_id}/messages/{message_id}", response_class=HTMLResponse)
+async def show_message(
+    request: Request,
+    services: ServicesDep,
+    db: DbDep,
+    session: CurrentSession,
+    conversation_id: str,
+    message_id: str,
+) -> Response:
+    conversation = await _conversation(db, session, conversation_id)
+    message = await _message(db, conversation, message_id)
+    messages = list(await chats.list_messages(db, conversation))
+    return render(
+        request,
+        services,
+        "partials/message.html",
+        session=session,
+        conversation=conversation,
+        message=message,
+        streams=stream_state(services, [message]),
+        last=messages[-1].id == message.id,
+    )
+
+
+@router.get("/c/{conversation_id}/messages/{message_id}/stream")
+async def stream_message(
+    services: ServicesDep,
+    db: DbDep,
+    session: CurrentSession,
+    conversation_id: str,
+    message_id: str,
+    after: int = 0,
+    last_event_id: Annotated[int | None, Header()] = None,
+) -> EventSourceResponse:
+    """Tail a reply: `token` events of escaped text, each with an id, then one `done` event.
+
+    Resumes after `Last-Event-ID` (EventSource reconnecting) or `after` (a page rendered with
+    the text up to that event), so no text is lost or repeated.
+    """
+    conversation = await _conversation(db, session, conversation_id)
+    message = await _message(db, conversation, message_id)
+    job = services.jobs.get(message.id)
+    status = message.status.value
+    # The stream may run for minutes: give the database connection back now.
+    await db.close()
+    start = last_event_id if last_event_id is not None else after
+
+    async def events():  # type: ignore[no-untyped-def]
+        last = start
+        if job is not None:
+            async for event_id, text in job.tail(start):
+                last = event_id
+                yield ServerSentEvent(render_stream_text(text), event="token", id=str(event_id))
+            final = job.status.value
+        else:
+            final = status
+        # Always end with `done`: without it EventSource reconnects and would tail again.
+        yield ServerSentEvent(final, event="done", id=str(last + 1))
+
+    return EventSourceResponse(events(), ping=15, headers={"Cache-Control": "no-store"})
+
+
+@router.post("/c/{conversation_id}/messages/{message_id}/stop", status_code=204)
+async def stop_message(
+    services: ServicesDep, db: DbDep, session: CurrentSession, conversation_id: str, message_id: str
+) -> Response:
+    """Cancel the reply on the model; its partial text is kept and marked stopped."""
+    conversation = await _conversation(db, session, conversation_id)
+    message = await _message(db, conversation, message_id)
+    await db.close()
+    job = services.jobs.get(message.id)
+    if job is not None and not job.finished:
+        await job.stop()
+    return Response(status_code=204)
+
+
+@router.get("/c/{conversation_id}/rename", response_class=HTMLResponse)
+async def rename_form(
+    request: Request, services: ServicesDep, db: DbDep, session: CurrentSession, conversation_id: str
+) -> Response:
+    conversation = await _conversation(db, session, conversation_id)
+    return render(request, services, "partials/rename_form.html", session=session, conversation=conversation)
+
+
+@router.post("/c/{conversation_id}/rename", response_class=HTMLResponse)
+async def rename(
+    request: Request,
+    services: ServicesDep,
+    db: DbDep,
+    session: CurrentSession,
+    conversation_id: str,
+    title: Annotated[str, Form()],
+) -> Response:
+    conversation = await _conversation(db, session, conversation_id)
+    try:
+        await chats.rename_conversation(db, conversation, title)
+    except chats.ChatError as error:
+        return notice(request, services, f"{str(error).capitalize()}.", status_code=400)
+    return render(
+        request, services, "partials/conversation_item.html", session=session, item=conversation, current=None
+    )
+
+
+@router.post("/c/{conversation_id}/delete")
+async def delete(
+    request: Request, services: ServicesDep, db: DbDep, session: CurrentSession, conversation_id: str
+) -> Response:
+    conversation = await _conversation(db, session, conversation_id)
+    for message in await chats.list_messages(db, conversation):
+        job = services.jobs.get(message.id)
+        if job is not None and not job.finished:
+            await job.stop()
+    await chats.delete_conversation(db, conversation)
+    current = request.headers.get("hx-current-url", "")
+    if not is_htmx(request) or current.rstrip("/").endswith(f"/c/{conversation_id}"):
+        return redirect(request, "/")
+    return Response(status_code=200)  # the sidebar removes the item

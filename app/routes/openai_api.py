@@ -1,0 +1,185 @@
+"""The OpenAI-compatible API: /v1/chat/completions (streamed or not) and /v1/models.
+
+Clients built for OpenAI (the official `openai` package, LangChain, ...) work by pointing their
+base URL at /v1 and using an API key from `python -m app create-api-key`. The request is bound
+to its connection: a client that disconnects cancels its generation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+
+from app.chat.replies import prompt_request
+from app.deps import ApiUser, ServicesDep
+from app.llm.engine import EngineOverloaded, GenerationStream, SamplingParams
+from app.llm.prompts import ChatTurn, PromptTooLong
+from app.openai_protocol import ChatCompletionRequest, completion_id, error_body, now, usage
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.type, self.code, self.param, self.headers = status, type_, code, param, headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            error_body(str(self), self.type, self.code, self.param), self.status, self.headers
+        )
+
+
+@router.get("/models")
+async def list_models(services: ServicesDep, _user: ApiUser) -> dict[str, Any]:
+    created = now()
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": services.settings.model_name,
+                "object": "model",
+                "created": created,
+                "owned_by": "private-gpt",
+                "parent": None,
+            }
+        ],
+    }
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, services: ServicesDep, _user: ApiUser
+) -> Response:
+    settings = services.settings
+    if body.model != settings.model_name:
+        raise ApiError(
+            404,
+            f"The model '{body.model}' does not exist; GET /v1/models lists the models served here.",
+            "invalid_request_error",
+            "model_not_found",
+            "model",
+        )
+    try:
+        turns = [ChatTurn("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
+    except ValueError as error:
+        raise ApiError(400, str(error), "invalid_request_error", "invalid_content", "messages") from None
+    if turns[-1].role != "user":
+        raise ApiError(
+            400, "the last message must come from the user", "invalid_request_error", None, "messages"
+        )
+    max_tokens = body.max_completion_tokens or body.max_tokens or settings.max_new_tokens
+    if max_tokens > settings.max_new_tokens_limit:
+        raise ApiError(
+            400,
+            f"max_tokens is {max_tokens}; this server allows at most {settings.max_new_tokens_limit}",
+            "invalid_request_error",
+            "max_tokens_exceeded",
+            "max_tokens",
+        )
+    sampling = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=settings.default_temperature if body.temperature is None else body.temperature,
+        top_p=settings.default_top_p if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop=body.stop_sequences(),
+    )
+    try:
+        stream = services.engine.submit(prompt_request(services.engine, turns, sampling))
+    except EngineOverloaded as error:
+        raise ApiError(
+            429,
+            str(error),
+            "server_overloaded",
+            "server_overloaded",
+            headers={"Retry-After": str(error.retry_after_s)},
+        ) from None
+    except (PromptTooLong, ValueError) as error:
+        raise ApiError(
+            400, str(error), "invalid_request_error", "context_length_exceeded", "messages"
+        ) from None
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventSourceResponse(_chunks(stream, settings.model_name, include_usage), ping=15)
+    try:
+        text, result = await stream.collect()
+    finally:
+        stream.cancel()  # no-op when finished; stops the model if this request was cancelled
+    if result.finish_reason == "error":
+        raise ApiError(500, f"generation failed: {result.error}", "server_error", "generation_failed")
+    return JSONResponse(
+        {
+            "id": completion_id(),
+            "object": "chat.completion",
+            "created": now(),
+            "model": settings.model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": result.finish_reason,
+                    "logprobs": None,
+                }
+            ],
+            "usage": usage(result.prompt_tokens, result.completion_tokens),
+        }
+    )
+
+
+async def _chunks(stream: GenerationStream, model: str, include_usage: bool) -> AsyncIterator[str]:
+    """chat.completion.chunk events as OpenAI sends them, ending with `data: [DONE]`."""
+    chunk_id, created = completion_id(), now()
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
+        choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+        return json.dumps(
+            {
+                "id": chunk_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": choices,
+                **extra,
+            }
+        )
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for delta in stream:
+            yield chunk({"content": delta.text})
+        result = stream.result
+        assert result is not None
+        if result.finish_reason == "error":
+            yield json.dumps(
+                error_body(f"generation failed: {result.error}", "server_error", "generation_failed")
+            )
+        else:
+            yield chunk({}, result.finish_reason)
+            if include_usage:
+                yield json.dumps(
+                    {
+                        "id": chunk_id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": usage(result.prompt_tokens, result.completion_tokens),
+                    }
+                )
+        yield "[DONE]"
+    finally:
+        # The client went away (or we are done): free the model for others.
+        stream.cancel()

@@ -1,0 +1,106 @@
+"""The services the server builds once at start-up and hands to every request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi.templating import Jinja2Templates
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.chat.conversations import mark_interrupted_replies
+from app.chat.jobs import JobManager
+from app.chat.render import render_markdown
+from app.chat.replies import ReplySettings
+from app.config import Settings
+from app.db import create_engine, create_sessionmaker
+from app.llm.demo import ensure_demo_model, is_demo_model
+from app.llm.engine import GenerationEngine
+from app.llm.loader import LoadedModel, ModelLoadError, ModelSpec, load_model
+
+log = logging.getLogger(__name__)
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+
+class StartupError(RuntimeError):
+    """The server cannot start as configured; the message says what to change."""
+
+
+@dataclass
+class Services:
+    settings: Settings
+    secret: bytes
+    db_engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    model: LoadedModel
+    engine: GenerationEngine
+    jobs: JobManager
+    templates: Jinja2Templates
+    is_demo_model: bool
+
+    @property
+    def reply_settings(self) -> ReplySettings:
+        s = self.settings
+        return ReplySettings(
+            system_prompt=s.system_prompt,
+            max_tokens=min(s.max_new_tokens, self.model.context_window // 2),
+            temperature=s.default_temperature,
+            top_p=s.default_top_p,
+        )
+
+    async def close(self) -> None:
+        await self.jobs.shutdown()
+        await asyncio.to_thread(self.engine.shutdown)
+        await self.db_engine.dispose()
+
+
+def load_configured_model(settings: Settings) -> LoadedModel:
+    """Load MODEL_ID, or build (once) and load the embedded demo model when none is set."""
+    if settings.uses_demo_model:
+        ensure_demo_model(settings.demo_model_dir)
+    spec = ModelSpec(
+        path_or_id=settings.model_path_or_id,
+        quantization=settings.quantization.value,
+        device=settings.device,
+        context_window=settings.context_window,
+    )
+    try:
+        return load_model(spec)
+    except ModelLoadError as error:
+        raise StartupError(f"cannot start: {error}") from None
+
+
+async def build_services(settings: Settings) -> Services:
+    secret = settings.secret()
+    db_engine = create_engine(settings.sqlalchemy_url)
+    sessionmaker = create_sessionmaker(engine=db_engine)
+    async with sessionmaker() as db:
+        interrupted = await mark_interrupted_replies(db)
+    if interrupted:
+        log.warning(
+            "%d replies were cut off by the last shutdown; they keep their text, marked interrupted",
+            interrupted,
+        )
+    model = await asyncio.to_thread(load_configured_model, settings)
+    engine = GenerationEngine(
+        model,
+        max_running=settings.max_running_generations,
+        max_queued=settings.max_queued_generations,
+    )
+    engine.start()
+    templates = Jinja2Templates(directory=TEMPLATES_DIR)
+    templates.env.filters["markdown"] = render_markdown
+    return Services(
+        settings=settings,
+        secret=secret,
+        db_engine=db_engine,
+        sessionmaker=sessionmaker,
+        model=model,
+        engine=engine,
+        jobs=JobManager(sessionmaker),
+        templates=templates,
+        is_demo_model=is_demo_model(settings.model_path_or_id),
+    )
