@@ -1,0 +1,141 @@
+"""The generation engine on the real tiny NF4 model: streaming, limits, stop, cancel, overload."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from app.llm.engine import (
+    EngineOverloaded,
+    GenerationEngine,
+    GenerationRequest,
+    IncrementalDetokenizer,
+    SamplingParams,
+    StopMatcher,
+)
+from app.llm.loader import LoadedModel, ModelSpec, load_model
+from app.llm.prompts import ChatTurn, build_prompt
+
+
+def prompt(model: LoadedModel, text: str = "What is the expense policy?") -> list[int]:
+    return build_prompt(model.tokenizer, [ChatTurn("user", text)], max_prompt_tokens=1000).token_ids
+
+
+@pytest.fixture
+async def engine(tiny_model: LoadedModel):  # type: ignore[no-untyped-def]
+    engine = GenerationEngine(tiny_model, max_running=2, max_queued=1)
+    engine.start()
+    yield engine
+    await asyncio.to_thread(engine.shutdown)
+
+
+def greedy(max_tokens: int, **kwargs: object) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_streams_deltas_that_add_up_to_the_decoded_reply(engine: GenerationEngine, tiny_model) -> None:
+    stream = engine.submit(GenerationRequest(prompt(tiny_model), greedy(40)))
+    deltas = [delta async for delta in stream]
+    result = stream.result
+    assert result is not None and result.finish_reason == "length"
+    assert result.completion_tokens == 40 == deltas[-1].completion_tokens
+    assert result.prompt_tokens == len(prompt(tiny_model))
+    assert result.time_to_first_token_s is not None and 0 < result.time_to_first_token_s <= result.duration_s
+    assert len(deltas) > 10 and all(d.text for d in deltas)
+    # Greedy decoding is deterministic, and matches what transformers' own generate() produces.
+    import torch
+
+    ids = torch.tensor([prompt(tiny_model)])
+    expected = tiny_model.model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0)
+    assert "".join(d.text for d in deltas) == tiny_model.tokenizer.decode(expected[0, ids.shape[1] :])
+
+
+async def test_seed_makes_sampling_repeatable(engine: GenerationEngine, tiny_model) -> None:
+    def sampled(seed: int) -> SamplingParams:
+        return SamplingParams(max_tokens=30, temperature=1.0, top_p=0.9, seed=seed)
+
+    first, _ = await engine.submit(GenerationRequest(prompt(tiny_model), sampled(7))).collect()
+    again, _ = await engine.submit(GenerationRequest(prompt(tiny_model), sampled(7))).collect()
+    other, _ = await engine.submit(GenerationRequest(prompt(tiny_model), sampled(8))).collect()
+    assert first == again
+    assert first != other
+
+
+async def test_stop_sequence_ends_the_reply_without_streaming_it(engine: GenerationEngine, tiny_model) -> None:
+    full, _ = await engine.submit(GenerationRequest(prompt(tiny_model), greedy(60))).collect()
+    stop = full[20:26]  # a piece of text the model is known to write
+    stream = engine.submit(GenerationRequest(prompt(tiny_model), greedy(60, stop=(stop,))))
+    text, result = await stream.collect()
+    assert result.finish_reason == "stop"
+    assert text == full[: full.index(stop)]
+
+
+async def test_end_of_text_token_finishes_with_stop(eos_model_dir: Path) -> None:
+    model = load_model(ModelSpec(str(eos_model_dir), device="cpu"))
+    engine = GenerationEngine(model)
+    engine.start()
+    try:
+        text, result = await engine.submit(GenerationRequest(prompt(model), greedy(50))).collect()
+    finally:
+        engine.shutdown()
+    assert (text, result.finish_reason, result.completion_tokens) == ("", "stop", 0)
+
+
+async def test_cancel_ends_the_stream_and_frees_the_slot(engine: GenerationEngine, tiny_model) -> None:
+    stream = engine.submit(GenerationRequest(prompt(tiny_model), greedy(5000)))
+    received = []
+    async for delta in stream:
+        received.append(delta)
+        if len(received) == 3:
+            stream.cancel()
+    assert stream.result is not None and stream.result.finish_reason == "cancelled"
+    assert stream.result.completion_tokens < 100
+    assert engine.load() == {"running": 0, "waiting": 0}
+
+
+async def test_full_queue_is_refused_at_once_and_others_keep_running(engine: GenerationEngine, tiny_model) -> None:
+    # max_running=2 and max_queued=1: three requests fit, the fourth is refused.
+    streams = [engine.submit(GenerationRequest(prompt(tiny_model), greedy(5000))) for _ in range(3)]
+    with pytest.raises(EngineOverloaded) as refused:
+        engine.submit(GenerationRequest(prompt(tiny_model), greedy(5)))
+    assert refused.value.retry_after_s >= 1
+    # Cancelling the queued one answers it at once, without waiting for a running slot.
+    streams[2].cancel()
+    _, result = await asyncio.wait_for(streams[2].collect(), 5)
+    assert result.finish_reason == "cancelled" and result.completion_tokens == 0
+    for stream in streams[:2]:
+        stream.cancel()
+        await stream.collect()
+
+
+async def test_a_failing_request_fails_alone(engine: GenerationEngine, tiny_model) -> None:
+    good = engine.submit(GenerationRequest(prompt(tiny_model), greedy(30)))
+    vocab = len(tiny_model.tokenizer)
+    bad = engine.submit(GenerationRequest([vocab + 10], greedy(30)))  # an id outside the embedding
+    _, bad_result = await bad.collect()
+    text, good_result = await good.collect()
+    assert bad_result.finish_reason == "error" and "IndexError" in (bad_result.error or "")
+    assert good_result.finish_reason == "length" and len(text) > 0
+
+
+def test_detokenizer_never_splits_a_character(tiny_model: LoadedModel) -> None:
+    tokenizer = tiny_model.tokenizer
+    text = "Zürich café: 日本語 → 💶 ok"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text.split())  # multi-byte characters span several byte-level tokens
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("Hello", add_special_tokens=False))
+    deltas = [detok.push(token) for token in ids]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in delta for delta in deltas)
+
+
+def test_stop_matcher_holds_back_possible_stop_text() -> None:
+    matcher = StopMatcher(["###", "END"])
+    assert matcher.push("Hello #") == ("Hello ", False)  # "#" could start "###"
+    assert matcher.push("# no") == ("## no", False)  # "## n" cannot be "###" any more
+    assert matcher.push(" EN") == (" ", False)
+    assert matcher.push("D and more") == ("", True)
+    assert matcher.text == "Hello ## no "
+    assert StopMatcher([]).push("anything") == ("anything", False)
