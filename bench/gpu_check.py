@@ -114,7 +114,9 @@ def build_tokenizer() -> Any:
     vocab[eos] = EOS_ID
     wl = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
     wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=wl, eos_token=eos, bos_token=eos, pad_token=eos, unk_token="t0")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=wl, eos_token=eos, bos_token=eos, pad_token=eos, unk_token="t0"
+    )
     tok.model_max_length = 2048
     return tok
 
@@ -292,7 +294,10 @@ def speed(env: Env, loaded: Any) -> None:
         ids = prompt(seed, PROMPT_LEN, env.device)
         with torch.inference_mode():
             out = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
                 pad_token_id=EOS_ID,
             )
         cont = out[0, PROMPT_LEN:].tolist()
@@ -333,11 +338,16 @@ def speed(env: Env, loaded: Any) -> None:
             text, res = engine_run(engine, ids[0].tolist(), NEW_TOKENS)
             runs.append((res, list(recorder.tokens), text))
         for i, (res, _, _) in enumerate(runs):
-            log(f"engine.run{i}", {
-                "finish_reason": res.finish_reason, "completion_tokens": res.completion_tokens,
-                "duration_s": round(res.duration_s, 3), "ttft_s": round(res.time_to_first_token_s or 0, 4),
-                "error": res.error,
-            })
+            log(
+                f"engine.run{i}",
+                {
+                    "finish_reason": res.finish_reason,
+                    "completion_tokens": res.completion_tokens,
+                    "duration_s": round(res.duration_s, 3),
+                    "ttft_s": round(res.time_to_first_token_s or 0, 4),
+                    "error": res.error,
+                },
+            )
         res, eng_tokens, text = sorted(runs, key=lambda r: r[0].duration_s)[1]
         log("engine.completion_tokens", res.completion_tokens)
         log("engine.finish_reason", res.finish_reason)
@@ -346,28 +356,44 @@ def speed(env: Env, loaded: Any) -> None:
         log("engine.tok_s", round(res.completion_tokens / res.duration_s, 2))
         log("engine.ttft_s", round(res.time_to_first_token_s, 4))
         if res.completion_tokens > 1:
-            log("engine.decode_tok_s",
-                round((res.completion_tokens - 1) / (res.duration_s - res.time_to_first_token_s), 2))
+            log(
+                "engine.decode_tok_s",
+                round((res.completion_tokens - 1) / (res.duration_s - res.time_to_first_token_s), 2),
+            )
         log("engine.text_head", text[:60])
 
         # Same greedy tokens? Compare the first 32; on a mismatch, show generate's top-2 margin there.
         a, b = gen_tokens[:COMPARE], eng_tokens[:COMPARE]
-        match = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        match = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
         log("compare.first32_matching_prefix", match)
-        log("compare.first32_equal_positions", sum(x == y for x, y in zip(a, b)))
+        log("compare.first32_equal_positions", sum(x == y for x, y in zip(a, b, strict=False)))
         log("compare.all128_equal", gen_tokens == eng_tokens[:NEW_TOKENS])
         if match < COMPARE:
             with torch.inference_mode():
-                sc = model.generate(
-                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=match + 1, do_sample=False,
-                    pad_token_id=EOS_ID, output_scores=True, return_dict_in_generate=True,
-                ).scores[match][0].float()
+                sc = (
+                    model.generate(
+                        ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=match + 1,
+                        do_sample=False,
+                        pad_token_id=EOS_ID,
+                        output_scores=True,
+                        return_dict_in_generate=True,
+                    )
+                    .scores[match][0]
+                    .float()
+                )
             top = sc.topk(2)
-            log("compare.mismatch", {
-                "position": match, "generate": a[match], "engine": b[match],
-                "generate_top2_logits": [round(v, 4) for v in top.values.tolist()],
-                "generate_logit_of_engine_token": round(float(sc[b[match]]), 4),
-            })
+            log(
+                "compare.mismatch",
+                {
+                    "position": match,
+                    "generate": a[match],
+                    "engine": b[match],
+                    "generate_top2_logits": [round(v, 4) for v in top.values.tolist()],
+                    "generate_logit_of_engine_token": round(float(sc[b[match]]), 4),
+                },
+            )
 
         # (c) time to first token for a 1,024-token prompt through the engine (max_tokens=1).
         long_ids = prompt(1234, LONG_PROMPT, "cpu")[0].tolist()
@@ -408,20 +434,34 @@ def table() -> str:
     what = "memory_allocated" if "fixed.mem_alloc_GiB" in results else "footprint (CPU)"
     rows = [
         ("card", v.get("card")),
-        ("torch / transformers / bitsandbytes / peft",
-         f"{v.get('torch')} / {v.get('transformers')} / {v.get('bitsandbytes')} / {v.get('peft')}"),
+        (
+            "torch / transformers / bitsandbytes / peft",
+            f"{v.get('torch')} / {v.get('transformers')} / {v.get('bitsandbytes')} / {v.get('peft')}",
+        ),
         (f"unfixed 'nf4' load, {what} GiB", f"{unfixed}  (verify: {r('unfixed.verify')})"),
-        (f"project loader nf4, {what} GiB", f"{fixed}  ({r('fixed.quantized_layers')} layers, "
-                                            f"load {r('fixed.load_s')} s)"),
-        ("generate, 1 stream, tokens/s (decode only)", f"{r('generate.tok_s')}  ({r('generate.decode_tok_s')})"),
+        (
+            f"project loader nf4, {what} GiB",
+            f"{fixed}  ({r('fixed.quantized_layers')} layers, load {r('fixed.load_s')} s)",
+        ),
+        (
+            "generate, 1 stream, tokens/s (decode only)",
+            f"{r('generate.tok_s')}  ({r('generate.decode_tok_s')})",
+        ),
         ("engine, 1 stream, tokens/s (decode only)", f"{r('engine.tok_s')}  ({r('engine.decode_tok_s')})"),
-        ("engine completion tokens / finish", f"{r('engine.completion_tokens')} / {r('engine.finish_reason')}"),
-        ("TTFT 64-token prompt: generate / engine, ms",
-         f"{_ms(r('generate.first_token_s'))} / {_ms(r('engine.ttft_s'))}"),
+        (
+            "engine completion tokens / finish",
+            f"{r('engine.completion_tokens')} / {r('engine.finish_reason')}",
+        ),
+        (
+            "TTFT 64-token prompt: generate / engine, ms",
+            f"{_ms(r('generate.first_token_s'))} / {_ms(r('engine.ttft_s'))}",
+        ),
         ("TTFT 1,024-token prompt, engine, ms", _ms(r("engine.ttft_1024_s"))),
         ("prefill 1,024 tokens, bare forward, ms", _ms(r("forward.prefill_1024_s"))),
-        ("greedy first 32: matching prefix / equal", f"{r('compare.first32_matching_prefix')} / "
-                                                     f"{r('compare.first32_equal_positions')}"),
+        (
+            "greedy first 32: matching prefix / equal",
+            f"{r('compare.first32_matching_prefix')} / {r('compare.first32_equal_positions')}",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {val}" for k, val in rows)
@@ -444,12 +484,17 @@ def main() -> int:
     import peft
     import transformers
 
-    log("versions", {
-        "card": torch.cuda.get_device_name(0) if env.cuda else "CPU (--tiny)",
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__,
-        "python": sys.version.split()[0],
-    })
+    log(
+        "versions",
+        {
+            "card": torch.cuda.get_device_name(0) if env.cuda else "CPU (--tiny)",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "bitsandbytes": bitsandbytes.__version__,
+            "peft": peft.__version__,
+            "python": sys.version.split()[0],
+        },
+    )
     failed = False
     for name, step in (("make_checkpoint", make_checkpoint), ("trap", trap), ("load_fixed", load_fixed)):
         try:

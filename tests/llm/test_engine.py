@@ -63,7 +63,9 @@ async def test_seed_makes_sampling_repeatable(engine: GenerationEngine, tiny_mod
     assert first != other
 
 
-async def test_stop_sequence_ends_the_reply_without_streaming_it(engine: GenerationEngine, tiny_model) -> None:
+async def test_stop_sequence_ends_the_reply_without_streaming_it(
+    engine: GenerationEngine, tiny_model
+) -> None:
     full, _ = await engine.submit(GenerationRequest(prompt(tiny_model), greedy(60))).collect()
     stop = full[20:26]  # a piece of text the model is known to write
     stream = engine.submit(GenerationRequest(prompt(tiny_model), greedy(60, stop=(stop,))))
@@ -95,7 +97,9 @@ async def test_cancel_ends_the_stream_and_frees_the_slot(engine: GenerationEngin
     assert engine.load() == {"running": 0, "waiting": 0}
 
 
-async def test_full_queue_is_refused_at_once_and_others_keep_running(engine: GenerationEngine, tiny_model) -> None:
+async def test_full_queue_is_refused_at_once_and_others_keep_running(
+    engine: GenerationEngine, tiny_model
+) -> None:
     # max_running=2 and max_queued=1: three requests fit, the fourth is refused.
     streams = [engine.submit(GenerationRequest(prompt(tiny_model), greedy(5000))) for _ in range(3)]
     with pytest.raises(EngineOverloaded) as refused:

@@ -28,7 +28,9 @@ def test_every_falcon_linear_layer_is_nf4(tiny_model: LoadedModel) -> None:
     assert weight.dtype == torch.uint8 and weight.quant_state.quant_type == "nf4"
 
 
-def test_quantized_model_is_smaller_and_still_generates(tiny_model: LoadedModel, tiny_model_dir: Path) -> None:
+def test_quantized_model_is_smaller_and_still_generates(
+    tiny_model: LoadedModel, tiny_model_dir: Path
+) -> None:
     full = load_model(ModelSpec(str(tiny_model_dir), quantization="none", device="cpu"))
     assert full.quantized_layers == 0
     layer_bytes = sum(
@@ -50,10 +52,16 @@ def test_quantized_model_is_smaller_and_still_generates(tiny_model: LoadedModel,
 
 def test_plain_transformers_load_leaves_falcon_unquantized_and_we_catch_it(tiny_model_dir: Path) -> None:
     """The trap: transformers swaps only exact nn.Linear, so Falcon's FalconLinear layers stay float."""
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=config, device_map={"": "cpu"})
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, quantization_config=config, device_map={"": "cpu"}
+    )
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-    with pytest.raises(ModelLoadError, match=r"QUANTIZATION=nf4 was requested but 16 linear layers were left"):
+    with pytest.raises(
+        ModelLoadError, match=r"QUANTIZATION=nf4 was requested but 16 linear layers were left"
+    ):
         verify_quantized(model, "nf4")
 
 

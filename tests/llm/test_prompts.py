@@ -39,7 +39,10 @@ def test_history_is_trimmed_oldest_first_keeping_system_and_new_message(tiny_mod
     system = ChatTurn("system", "Be helpful.")
     history = []
     for i in range(20):
-        history += [ChatTurn("user", f"Question {i} about travel expenses"), ChatTurn("assistant", f"Answer {i}")]
+        history += [
+            ChatTurn("user", f"Question {i} about travel expenses"),
+            ChatTurn("assistant", f"Answer {i}"),
+        ]
     newest = ChatTurn("user", "The newest question")
     everything = build_prompt(tokenizer, [system, *history, newest], max_prompt_tokens=100_000)
     assert everything.dropped_turns == 0

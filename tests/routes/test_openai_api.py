@@ -1,0 +1,86 @@
+"""The OpenAI-compatible API, driven by the official `openai` client against a live server."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import LiveServer, create_api_key
+
+
+@pytest.fixture
+def client(server: LiveServer, member_factory) -> openai.OpenAI:  # type: ignore[no-untyped-def]
+    member = member_factory(server)
+    key = create_api_key(server.settings, member.email)
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+
+
+def test_models_lists_the_served_model(client: openai.OpenAI, server: LiveServer) -> None:
+    assert [m.id for m in client.models.list()] == [server.settings.model_name]
+
+
+def test_streamed_completion_parses_with_the_official_client(
+    client: openai.OpenAI, server: LiveServer
+) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model=server.settings.model_name,
+            messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+            stream=True,
+            max_tokens=20,
+            temperature=0,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
+    # Greedy, so the same request without streaming gives the same text.
+    whole = client.chat.completions.create(
+        model=server.settings.model_name,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+        max_tokens=20,
+        temperature=0,
+    )
+    assert whole.choices[0].message.content == content and len(content) > 0
+    assert whole.usage is not None and whole.usage.completion_tokens == 20
+    assert whole.choices[0].finish_reason == "length"
+
+
+def test_stop_and_seed_are_honoured(client: openai.OpenAI, server: LiveServer) -> None:
+    def ask(**kwargs: object) -> openai.types.chat.ChatCompletion:
+        return client.chat.completions.create(
+            model=server.settings.model_name,
+            messages=[{"role": "user", "content": "Hi"}],
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    first = ask(max_tokens=30, temperature=1.0, seed=42).choices[0].message.content or ""
+    assert ask(max_tokens=30, temperature=1.0, seed=42).choices[0].message.content == first
+    stop = first[10:14]
+    stopped = ask(max_tokens=30, temperature=1.0, seed=42, stop=[stop]).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.message.content == first[: first.index(stop)]
+
+
+def test_errors_come_in_openai_shape(client: openai.OpenAI, server: LiveServer) -> None:
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "Hi"}])
+    assert missing.value.code == "model_not_found" and "gpt-4" in missing.value.message
+    with pytest.raises(openai.BadRequestError, match="at most 4096"):
+        client.chat.completions.create(
+            model=server.settings.model_name, messages=[{"role": "user", "content": "Hi"}], max_tokens=100_000
+        )
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model=server.settings.model_name, messages=[])
+    bad_key = openai.OpenAI(base_url=f"{server.url}/v1", api_key="pgpt-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="invalid API key"):
+        bad_key.models.list()
+    # Only the Authorization header carries a key: another header is no way in.
+    key = client.api_key
+    response = httpx.get(f"{server.url}/v1/models", headers={"x-api-key": key})
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "authentication_error"
