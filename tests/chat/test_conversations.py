@@ -47,7 +47,7 @@ async def test_a_conversation_is_visible_to_its_owner_only(db: AsyncSession) -> 
 async def test_messages_keep_their_order_and_go_with_the_conversation(db: AsyncSession) -> None:
     alice, _ = await users(db)
     conversation = await chats.create_conversation(db, user=alice)
-    first_question, first_reply = await chats.add_exchange(db, conversation=conversation, user_text="one")
+    await chats.add_exchange(db, conversation=conversation, user_text="one")
     _, second_reply = await chats.add_exchange(db, conversation=conversation, user_text="two")
     messages = await chats.list_messages(db, conversation)
     assert [(m.position, m.role.value, m.content) for m in messages] == [
