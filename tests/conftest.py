@@ -8,6 +8,7 @@ each in its own thread with its own event loop, reached over HTTP like a browser
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import re
@@ -186,7 +187,9 @@ def with_db(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]]) ->
         finally:
             await engine.dispose()
 
-    return asyncio.run(run())
+    # In a thread of its own: Playwright's sync API keeps an event loop running in this one.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, run()).result()
 
 
 def create_user(settings: Settings, email: str, *, admin: bool = False) -> None:
