@@ -4,7 +4,6 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-CONFIG ?= training/configs/tiny-cpu.yaml
 
 .PHONY: run test install install-dev chromium lint format migrate clean
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
 import os
 import sys
 from pathlib import Path
 
 from app.config import ConfigError, Settings, get_settings
+
+FIRST_ADMIN_EMAIL = "admin@localhost"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("migrate", help="apply the database migrations")
     user = commands.add_parser("create-user", help="create a user (or an admin) who signs in with a password")
     user.add_argument("--email", required=True)
-    user.add_argument("--password", help="read from the PGPT_PASSWORD variable when left out")
+    user.add_argument("--password", help="default: the PGPT_PASSWORD variable, else asked for")
     user.add_argument("--admin", action="store_true", help="give the user the admin role")
     key = commands.add_parser("create-api-key", help="create an API key for a user and print it once")
     key.add_argument("--email", required=True)
@@ -69,6 +72,11 @@ async def _manage(settings: Settings, args: argparse.Namespace) -> int:
         async with create_sessionmaker(engine)() as db:
             if args.command == "create-user":
                 password = args.password or os.environ.get("PGPT_PASSWORD", "")
+                if not password and sys.stdin.isatty():
+                    password = getpass.getpass(f"Password for {args.email}: ")
+                if not password:
+                    print("error: give --password, or set PGPT_PASSWORD", file=sys.stderr)
+                    return 1
                 try:
                     user = await auth.create_user(
                         db, email=args.email, password=password, role=Role.ADMIN if args.admin else Role.USER
@@ -92,6 +100,38 @@ async def _manage(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _first_admin(settings: Settings) -> None:
+    """On a brand-new development install, make an admin so `make run` leads to a usable chat."""
+    import secrets
+
+    from app.auth import service as auth
+    from app.config import Environment
+    from app.db import create_engine, create_sessionmaker
+    from app.models import Role
+
+    engine = create_engine(settings.sqlalchemy_url)
+    try:
+        async with create_sessionmaker(engine)() as db:
+            if await auth.count_users(db):
+                return
+            if settings.environment is Environment.PRODUCTION:
+                print(
+                    "No users yet: create the first admin with\n"
+                    "  python -m app create-user --email you@company.com --admin",
+                    flush=True,
+                )
+                return
+            password = secrets.token_urlsafe(12)
+            await auth.create_user(db, email=FIRST_ADMIN_EMAIL, password=password, role=Role.ADMIN)
+            print(
+                f"\nNo users yet, so an admin was created for you:\n  email:    {FIRST_ADMIN_EMAIL}\n"
+                f"  password: {password}\n(shown once; add real accounts with `python -m app create-user`)\n",
+                flush=True,
+            )
+    finally:
+        await engine.dispose()
+
+
 def serve(settings: Settings) -> int:
     import uvicorn
 
@@ -99,6 +139,7 @@ def serve(settings: Settings) -> int:
     from app.migrate import upgrade_database
 
     upgrade_database(settings.sqlalchemy_url)
+    asyncio.run(_first_admin(settings))
     print(f"Private GPT: http://{settings.host}:{settings.port}", flush=True)
     # One worker process: it owns the GPU; concurrency comes from the engine and asyncio.
     uvicorn.run(
