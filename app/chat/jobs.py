@@ -74,14 +74,17 @@ class GenerationJob:
         """
         sent = max(0, after)
         while True:
-            async with self._changed:
-                await self._changed.wait_for(lambda sent=sent: len(self.chunks) > sent or self.finished)
+            await self._wait_for_more(sent)
             upto = len(self.chunks)
             if upto > sent:
                 yield upto, "".join(self.chunks[sent:upto])
                 sent = upto
             elif self.finished:
                 return
+
+    async def _wait_for_more(self, seen: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: len(self.chunks) > seen or self.finished)
 
     async def _append(self, text: str) -> None:
         async with self._changed:

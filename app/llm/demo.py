@@ -68,6 +68,7 @@ def build_demo_model(path: Path, shape: DemoModelShape) -> Path:
     )
     tokenizer.model_max_length = shape.context_window
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    assert isinstance(eos_id, int)
 
     config = FalconConfig(
         vocab_size=len(tokenizer),
@@ -96,7 +97,7 @@ def build_demo_model(path: Path, shape: DemoModelShape) -> Path:
         # characters) are pushed out of reach, and end-of-text is pinned as `shape.eos` says.
         steer = torch.zeros(len(tokenizer))
         for token_id in range(len(tokenizer)):
-            text = tokenizer.decode([token_id])
+            text = str(tokenizer.decode([token_id]))
             if token_id != eos_id and not _clean(text):
                 steer[token_id] = -10.0
         steer[eos_id] = {"never": -10.0, "always": 10.0}[shape.eos]

@@ -201,7 +201,8 @@ def verify_quantized(model: nn.Module, quantization: str) -> int:
     import bitsandbytes as bnb
 
     wanted = bnb.nn.Linear8bitLt if quantization == "int8" else bnb.nn.Linear4bit
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
     quantized, missed = 0, []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or module is output:

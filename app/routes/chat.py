@@ -7,6 +7,7 @@ its own. Closing the tab does not stop the reply: it is finished and stored eith
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Header, HTTPException, Request
@@ -233,7 +234,7 @@ async def stream_message(
     await db.close()
     start = last_event_id if last_event_id is not None else after
 
-    async def events():  # type: ignore[no-untyped-def]
+    async def events() -> AsyncIterator[ServerSentEvent]:
         last = start
         if job is not None:
             async for event_id, text in job.tail(start):
