@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-dev chromium lint format migrate clean
+.PHONY: run test install install-dev chromium lint format migrate lock clean
 
 run: $(VENV)/.installed
 	$(BIN)/python -m app serve
@@ -22,14 +22,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml scripts/install-torch | $(BIN)/python
+$(VENV)/.installed: pyproject.toml requirements.lock scripts/install-torch | $(BIN)/python
 	scripts/install-torch $(BIN)/pip
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -c requirements.lock -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
-	$(BIN)/pip install --quiet -e '.[dev]'
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $@
+
+# Rewrite the lock from the current environment, after changing pyproject.toml and testing.
+lock: $(VENV)/.installed-dev
+	{ head -n 2 requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v '^#' | sed 's/+cpu$$//'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
 
 # The browser tests drive Debian's Chromium (browser downloads are not possible here).
 chromium:

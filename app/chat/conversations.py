@@ -16,6 +16,7 @@ from app.llm.prompts import ChatTurn
 from app.models import Conversation, Message, MessageRole, MessageStatus, User, utcnow
 
 TITLE_LENGTH = 60
+INTERRUPTED_ERROR = "the server stopped before the reply was finished"
 MAX_MESSAGE_CHARS = 32_000
 
 
@@ -143,7 +144,7 @@ async def mark_interrupted_replies(db: AsyncSession) -> int:
     result = await db.execute(
         update(Message)
         .where(Message.status == MessageStatus.STREAMING)
-        .values(status=MessageStatus.INTERRUPTED, error="the server stopped before the reply was finished")
+        .values(status=MessageStatus.INTERRUPTED, error=INTERRUPTED_ERROR)
     )
     await db.commit()
     return int(getattr(result, "rowcount", 0) or 0)

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.chat.conversations import INTERRUPTED_ERROR
 from app.llm.engine import GenerationResult, GenerationStream
 from app.models import Message, MessageStatus
 
@@ -35,6 +36,8 @@ class GenerationJob:
         self.stream = stream
         self.chunks: list[str] = []  # event n (1-based) is chunks[n - 1]
         self.status = MessageStatus.STREAMING
+        self.error: str | None = None
+        self.completion_tokens = 0
         self.result: GenerationResult | None = None
         self.stop_requested = False
         self._changed = asyncio.Condition()
@@ -126,22 +129,23 @@ class JobManager:
         last_save = time.monotonic()
         try:
             async for delta in job.stream:
+                job.completion_tokens = delta.completion_tokens
                 await job._append(delta.text)
                 if time.monotonic() - last_save >= SAVE_EVERY_S:
                     await self._save(job)
                     last_save = time.monotonic()
             job.result = job.stream.result
-            job.status = _final_status(job)
-        except asyncio.CancelledError:
+            job.status, job.error = _outcome(job)
+        except asyncio.CancelledError:  # the server is shutting down
             job.stream.cancel()
-            job.status = MessageStatus.INTERRUPTED
+            job.status, job.error = MessageStatus.INTERRUPTED, INTERRUPTED_ERROR
             await asyncio.shield(self._save(job))
             await job._finish()
             raise
-        except Exception:
+        except Exception as error:
             log.exception("generation job %s failed", job.message_id)
             job.stream.cancel()
-            job.status = MessageStatus.FAILED
+            job.status, job.error = MessageStatus.FAILED, f"{type(error).__name__}: {error}"
         await self._save(job)
         await job._finish()
         asyncio.get_running_loop().call_later(KEEP_FINISHED_S, self._jobs.pop, job.message_id, None)
@@ -154,16 +158,14 @@ class JobManager:
                     return
                 message.content = job.text
                 message.status = job.status
-                result = job.result
-                if job.status is MessageStatus.INTERRUPTED:
-                    message.error = "the server stopped before the reply was finished"
-                if result is not None:
+                message.error = job.error
+                message.completion_tokens = job.completion_tokens
+                if (result := job.result) is not None:
                     message.finish_reason = (
                         result.finish_reason if result.finish_reason in ("stop", "length") else None
                     )
-                    message.error = result.error if job.status is MessageStatus.FAILED else message.error
-                    message.prompt_tokens = result.prompt_tokens
                     message.completion_tokens = result.completion_tokens
+                    message.prompt_tokens = result.prompt_tokens
                     message.duration_ms = round(result.duration_s * 1000)
                     if result.time_to_first_token_s is not None:
                         message.time_to_first_token_ms = round(result.time_to_first_token_s * 1000)
@@ -172,11 +174,16 @@ class JobManager:
             log.exception("could not store the reply of generation job %s", job.message_id)
 
 
-def _final_status(job: GenerationJob) -> MessageStatus:
+def _outcome(job: GenerationJob) -> tuple[MessageStatus, str | None]:
+    """The stored status of a finished job, and the error to show with it."""
     assert job.result is not None
     reason = job.result.finish_reason
     if reason == "cancelled":
-        return MessageStatus.STOPPED if job.stop_requested else MessageStatus.INTERRUPTED
+        return (
+            (MessageStatus.STOPPED, None)
+            if job.stop_requested
+            else (MessageStatus.INTERRUPTED, INTERRUPTED_ERROR)
+        )
     if reason == "error":
-        return MessageStatus.FAILED
-    return MessageStatus.COMPLETE
+        return MessageStatus.FAILED, job.result.error or "the generation failed"
+    return MessageStatus.COMPLETE, None

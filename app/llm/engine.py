@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import inspect
 import logging
 import math
 import secrets
@@ -217,6 +218,7 @@ class GenerationEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._recent_durations: collections.deque[float] = collections.deque(maxlen=32)
+        self._cache_kwarg = cache_keyword(model.model)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -313,7 +315,8 @@ class GenerationEngine:
 
             seq.cache = DynamicCache(config=loaded.model.config)
         inputs = torch.tensor([seq.pending], device=loaded.device)
-        out = loaded.model(input_ids=inputs, past_key_values=seq.cache, use_cache=True, logits_to_keep=1)
+        cache = {self._cache_kwarg: seq.cache}
+        out = loaded.model(input_ids=inputs, use_cache=True, logits_to_keep=1, **cache)
         token = sample_token(out.logits[0, -1], seq.params, seq.generator)
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
@@ -346,6 +349,11 @@ class GenerationEngine:
         with self._cond, contextlib.suppress(ValueError):
             self._running.remove(seq)
         seq.stream._deliver(result)
+
+
+def cache_keyword(model: Any) -> str:
+    """The forward() keyword for the KV cache: `cache` from transformers 5.24, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

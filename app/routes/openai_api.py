@@ -7,6 +7,7 @@ to its connection: a client that disconnects cancels its generation.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,11 +18,13 @@ from sse_starlette import EventSourceResponse
 
 from app.chat.replies import prompt_request
 from app.deps import ApiUser, ServicesDep
-from app.llm.engine import EngineOverloaded, GenerationStream, SamplingParams
+from app.llm.engine import EngineOverloaded, GenerationResult, GenerationStream, SamplingParams
 from app.llm.prompts import ChatTurn, PromptTooLong
 from app.openai_protocol import ChatCompletionRequest, completion_id, error_body, now, usage
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+
+DISCONNECT_POLL_S = 0.5
 
 
 class ApiError(Exception):
@@ -115,7 +118,7 @@ async def chat_completions(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(_chunks(stream, settings.model_name, include_usage), ping=15)
     try:
-        text, result = await stream.collect()
+        text, result = await _collect_while_connected(stream, request)
     finally:
         stream.cancel()  # no-op when finished; stops the model if this request was cancelled
     if result.finish_reason == "error":
@@ -137,6 +140,18 @@ async def chat_completions(
             "usage": usage(result.prompt_tokens, result.completion_tokens),
         }
     )
+
+
+async def _collect_while_connected(
+    stream: GenerationStream, request: Request
+) -> tuple[str, GenerationResult]:
+    """Collect the whole reply, cancelling it if the client hangs up before it is done."""
+    collector = asyncio.ensure_future(stream.collect())
+    while not collector.done():
+        await asyncio.wait({collector}, timeout=DISCONNECT_POLL_S)
+        if not collector.done() and await request.is_disconnected():
+            stream.cancel()
+    return collector.result()
 
 
 async def _chunks(stream: GenerationStream, model: str, include_usage: bool) -> AsyncIterator[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -84,3 +86,26 @@ def test_errors_come_in_openai_shape(client: openai.OpenAI, server: LiveServer) 
     response = httpx.get(f"{server.url}/v1/models", headers={"x-api-key": key})
     assert response.status_code == 401
     assert response.json()["error"]["type"] == "authentication_error"
+
+
+def test_a_client_that_hangs_up_frees_the_model(client: openai.OpenAI, server: LiveServer) -> None:
+    engine = server.services.engine
+    url, headers = f"{server.url}/v1/chat/completions", {"Authorization": f"Bearer {client.api_key}"}
+    body = {
+        "model": server.settings.model_name,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 4000,
+    }
+
+    def wait_until_idle() -> dict[str, int]:
+        deadline = time.monotonic() + 10
+        while engine.load()["running"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return engine.load()
+
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, headers=headers, json=body, timeout=1.0)
+    assert wait_until_idle() == {"running": 0, "waiting": 0}
+    with httpx.stream("POST", url, headers=headers, json={**body, "stream": True}, timeout=10) as response:
+        assert next(response.iter_lines()).startswith("data: ")
+    assert wait_until_idle() == {"running": 0, "waiting": 0}
