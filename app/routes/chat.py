@@ -21,7 +21,7 @@ from app.deps import CurrentSession, DbDep, ServicesDep
 from app.llm.engine import EngineOverloaded
 from app.llm.prompts import PromptTooLong
 from app.models import Conversation, Message, MessageStatus
-from app.routes.html import is_htmx, notice, redirect, render
+from app.routes.html import is_htmx, notice, redirect, render, sentence
 from app.services import Services
 
 router = APIRouter(tags=["chat"])
@@ -42,11 +42,15 @@ async def _message(db: DbDep, conversation: Conversation, message_id: str) -> Me
 
 
 def stream_state(services: Services, messages: list[Message]) -> dict[str, tuple[str, int]]:
-    """For replies still being written: the text so far and the last event id it includes."""
+    """For replies still being written: the text so far and the last event id it includes.
+
+    A job that finished since `messages` were read is included too: its stream then ends at once
+    and the page fetches the final render, instead of showing the stored text from mid-reply.
+    """
     state = {}
     for message in messages:
         job = services.jobs.get(message.id) if message.status is MessageStatus.STREAMING else None
-        if job is not None and not job.finished:
+        if job is not None:
             state[str(message.id)] = job.snapshot()
     return state
 
@@ -72,9 +76,9 @@ async def _start(
             headers={"Retry-After": str(error.retry_after_s)},
         )
     except chats.ChatError as error:
-        return notice(request, services, f"{str(error).capitalize()}.", status_code=409)
+        return notice(request, services, sentence(error), status_code=409)
     except (PromptTooLong, ValueError) as error:
-        return notice(request, services, f"{str(error).capitalize()}.", status_code=400)
+        return notice(request, services, sentence(error), status_code=400)
 
 
 @router.get("/", response_class=HTMLResponse)
@@ -103,7 +107,7 @@ async def create_chat(
     try:
         text = chats.clean_message(message)
     except chats.ChatError as error:
-        return notice(request, services, f"{str(error).capitalize()}.", status_code=400)
+        return notice(request, services, sentence(error), status_code=400)
     conversation = await chats.create_conversation(db, user=session.user)
     started = await _start(request, services, db, conversation, text)
     if isinstance(started, Response):
@@ -142,7 +146,7 @@ async def send_message(
     try:
         text = chats.clean_message(message)
     except chats.ChatError as error:
-        return notice(request, services, f"{str(error).capitalize()}.", status_code=400)
+        return notice(request, services, sentence(error), status_code=400)
     started = await _start(request, services, db, conversation, text)
     if isinstance(started, Response):
         return started
@@ -284,7 +288,7 @@ async def rename(
     try:
         await chats.rename_conversation(db, conversation, title)
     except chats.ChatError as error:
-        return notice(request, services, f"{str(error).capitalize()}.", status_code=400)
+        return notice(request, services, sentence(error), status_code=400)
     return render(
         request, services, "partials/conversation_item.html", session=session, item=conversation, current=None
     )

@@ -36,6 +36,12 @@ def render(
     )
 
 
+def sentence(error: Exception | str) -> str:
+    """An error message as a sentence for the page: capital first letter, full stop."""
+    text = str(error).strip().rstrip(".")
+    return text[:1].upper() + text[1:] + "."
+
+
 def notice(
     request: Request,
     services: Services,
