@@ -39,6 +39,7 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
     context = browser.new_context()
+    context.grant_permissions(["clipboard-read", "clipboard-write"])
     page = context.new_page()
     page.dialogs = []  # type: ignore[attr-defined]
     page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))  # type: ignore[attr-defined]
@@ -100,6 +101,11 @@ def test_sign_in_chat_stream_stop_and_reload_mid_reply(page: Page, long_server: 
     stored = load_message(long_server.settings, first_reply)
     assert stored.status.value == "stopped" and stored.content.startswith(later)
     assert long_server.services.engine.load()["running"] == 0
+
+    # Copy puts the reply's text on the clipboard.
+    stopped.locator("button.copy").click()
+    expect(stopped.locator("button.copy")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == stored.content
 
     # Shift+Enter makes a new line instead of sending.
     page.click("#message")
