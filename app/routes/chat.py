@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Header, HTTPException, Request
+from fastapi import APIRouter, Depends, Form, Header, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -27,18 +27,25 @@ from app.services import Services
 router = APIRouter(tags=["chat"])
 
 
-async def _conversation(db: DbDep, session: CurrentSession, conversation_id: str) -> Conversation:
+async def owned_conversation(db: DbDep, session: CurrentSession, conversation_id: str) -> Conversation:
+    """The conversation in the path, if it is the signed-in user's; 404 otherwise (even if it exists)."""
     conversation = await chats.get_conversation(db, session.user, conversation_id)
     if conversation is None:
         raise HTTPException(404, "no such conversation")
     return conversation
 
 
-async def _message(db: DbDep, conversation: Conversation, message_id: str) -> Message:
+OwnedConversation = Annotated[Conversation, Depends(owned_conversation)]
+
+
+async def owned_message(db: DbDep, conversation: OwnedConversation, message_id: str) -> Message:
     message = await chats.get_message(db, conversation, message_id)
     if message is None:
         raise HTTPException(404, "no such message")
     return message
+
+
+OwnedMessage = Annotated[Message, Depends(owned_message)]
 
 
 def stream_state(services: Services, messages: list[Message]) -> dict[str, tuple[str, int]]:
@@ -117,9 +124,12 @@ async def create_chat(
 
 @router.get("/c/{conversation_id}", response_class=HTMLResponse)
 async def show_chat(
-    request: Request, services: ServicesDep, db: DbDep, session: CurrentSession, conversation_id: str
+    request: Request,
+    services: ServicesDep,
+    db: DbDep,
+    session: CurrentSession,
+    conversation: OwnedConversation,
 ) -> Response:
-    conversation = await _conversation(db, session, conversation_id)
     messages = list(await chats.list_messages(db, conversation))
     return render(
         request,
@@ -139,10 +149,9 @@ async def send_message(
     services: ServicesDep,
     db: DbDep,
     session: CurrentSession,
-    conversation_id: str,
+    conversation: OwnedConversation,
     message: Annotated[str, Form()],
 ) -> Response:
-    conversation = await _conversation(db, session, conversation_id)
     try:
         text = chats.clean_message(message)
     except chats.ChatError as error:
@@ -167,12 +176,10 @@ async def regenerate(
     services: ServicesDep,
     db: DbDep,
     session: CurrentSession,
-    conversation_id: str,
-    message_id: str,
+    conversation: OwnedConversation,
+    message: OwnedMessage,
 ) -> Response:
     """Replace the last reply with a new one (the page swaps it in place)."""
-    conversation = await _conversation(db, session, conversation_id)
-    message = await _message(db, conversation, message_id)
     messages = await chats.list_messages(db, conversation)
     if messages[-1].id != message.id:
         return notice(request, services, "Only the newest reply can be regenerated.", status_code=409)
@@ -197,11 +204,9 @@ async def show_message(
     services: ServicesDep,
     db: DbDep,
     session: CurrentSession,
-    conversation_id: str,
-    message_id: str,
+    conversation: OwnedConversation,
+    message: OwnedMessage,
 ) -> Response:
-    conversation = await _conversation(db, session, conversation_id)
-    message = await _message(db, conversation, message_id)
     messages = list(await chats.list_messages(db, conversation))
     return render(
         request,
@@ -219,9 +224,7 @@ async def show_message(
 async def stream_message(
     services: ServicesDep,
     db: DbDep,
-    session: CurrentSession,
-    conversation_id: str,
-    message_id: str,
+    message: OwnedMessage,
     after: int = 0,
     last_event_id: Annotated[int | None, Header()] = None,
 ) -> EventSourceResponse:
@@ -230,8 +233,6 @@ async def stream_message(
     Resumes after `Last-Event-ID` (EventSource reconnecting) or `after` (a page rendered with
     the text up to that event), so no text is lost or repeated.
     """
-    conversation = await _conversation(db, session, conversation_id)
-    message = await _message(db, conversation, message_id)
     job = services.jobs.get(message.id)
     status = message.status.value
     # The stream may run for minutes: give the database connection back now.
@@ -254,12 +255,8 @@ async def stream_message(
 
 
 @router.post("/c/{conversation_id}/messages/{message_id}/stop", status_code=204)
-async def stop_message(
-    services: ServicesDep, db: DbDep, session: CurrentSession, conversation_id: str, message_id: str
-) -> Response:
+async def stop_message(services: ServicesDep, db: DbDep, message: OwnedMessage) -> Response:
     """Cancel the reply on the model; its partial text is kept and marked stopped."""
-    conversation = await _conversation(db, session, conversation_id)
-    message = await _message(db, conversation, message_id)
     await db.close()
     job = services.jobs.get(message.id)
     if job is not None and not job.finished:
@@ -269,9 +266,8 @@ async def stop_message(
 
 @router.get("/c/{conversation_id}/rename", response_class=HTMLResponse)
 async def rename_form(
-    request: Request, services: ServicesDep, db: DbDep, session: CurrentSession, conversation_id: str
+    request: Request, services: ServicesDep, session: CurrentSession, conversation: OwnedConversation
 ) -> Response:
-    conversation = await _conversation(db, session, conversation_id)
     return render(request, services, "partials/rename_form.html", session=session, conversation=conversation)
 
 
@@ -281,10 +277,9 @@ async def rename(
     services: ServicesDep,
     db: DbDep,
     session: CurrentSession,
-    conversation_id: str,
+    conversation: OwnedConversation,
     title: Annotated[str, Form()],
 ) -> Response:
-    conversation = await _conversation(db, session, conversation_id)
     try:
         await chats.rename_conversation(db, conversation, title)
     except chats.ChatError as error:
@@ -296,15 +291,14 @@ async def rename(
 
 @router.post("/c/{conversation_id}/delete")
 async def delete(
-    request: Request, services: ServicesDep, db: DbDep, session: CurrentSession, conversation_id: str
+    request: Request, services: ServicesDep, db: DbDep, conversation: OwnedConversation
 ) -> Response:
-    conversation = await _conversation(db, session, conversation_id)
     for message in await chats.list_messages(db, conversation):
         job = services.jobs.get(message.id)
         if job is not None and not job.finished:
             await job.stop()
     await chats.delete_conversation(db, conversation)
     current = request.headers.get("hx-current-url", "")
-    if not is_htmx(request) or current.rstrip("/").endswith(f"/c/{conversation_id}"):
+    if not is_htmx(request) or current.rstrip("/").endswith(f"/c/{conversation.id}"):
         return redirect(request, "/")
     return Response(status_code=200)  # the sidebar removes the item
