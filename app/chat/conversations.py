@@ -21,7 +21,11 @@ MAX_MESSAGE_CHARS = 32_000
 
 
 class ChatError(ValueError):
-    """A chat action that cannot be done as asked; the message says why."""
+    """A chat action that cannot be done now (e.g. a reply is still being written); the message says why."""
+
+
+class InvalidInput(ChatError):
+    """What the user sent is not acceptable (empty, too long); the message says why."""
 
 
 def parse_id(value: str) -> uuid.UUID | None:
@@ -39,9 +43,9 @@ def title_from(text: str) -> str:
 def clean_message(text: str) -> str:
     text = text.replace("\r\n", "\n").strip()
     if not text:
-        raise ChatError("the message is empty")
+        raise InvalidInput("the message is empty")
     if len(text) > MAX_MESSAGE_CHARS:
-        raise ChatError(f"the message is {len(text)} characters long; the limit is {MAX_MESSAGE_CHARS}")
+        raise InvalidInput(f"the message is {len(text)} characters long; the limit is {MAX_MESSAGE_CHARS}")
     return text
 
 
@@ -87,7 +91,7 @@ async def create_conversation(db: AsyncSession, *, user: User, title: str = "New
 async def rename_conversation(db: AsyncSession, conversation: Conversation, title: str) -> None:
     title = " ".join(title.split())
     if not title:
-        raise ChatError("the title is empty")
+        raise InvalidInput("the title is empty")
     conversation.title = title[:200]
     await db.commit()
 

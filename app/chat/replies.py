@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.chat.conversations import ChatError, add_exchange, history_turns, list_messages
+from app.chat.conversations import ChatError, add_exchange, clean_message, history_turns, list_messages
 from app.chat.jobs import GenerationJob, JobManager
 from app.llm.engine import GenerationEngine, GenerationRequest, SamplingParams
 from app.llm.prompts import ChatTurn, build_prompt
@@ -54,6 +54,8 @@ async def start_reply(
     The engine is asked first, so a full queue refuses the message before anything is stored
     (the user's text stays in their composer to send again).
     """
+    if user_text is not None:
+        user_text = clean_message(user_text)
     messages = list(await list_messages(db, conversation))
     if any(m.status is MessageStatus.STREAMING and jobs.get(m.id) for m in messages):
         raise ChatError("a reply is still being written in this conversation; stop it or wait for it")

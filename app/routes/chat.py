@@ -82,6 +82,8 @@ async def _start(
             status_code=429,
             headers={"Retry-After": str(error.retry_after_s)},
         )
+    except chats.InvalidInput as error:
+        return notice(request, services, sentence(error), status_code=400)
     except chats.ChatError as error:
         return notice(request, services, sentence(error), status_code=409)
     except (PromptTooLong, ValueError) as error:
@@ -111,12 +113,8 @@ async def create_chat(
     message: Annotated[str, Form()],
 ) -> Response:
     """Start a conversation with its first message, then open it."""
-    try:
-        text = chats.clean_message(message)
-    except chats.ChatError as error:
-        return notice(request, services, sentence(error), status_code=400)
     conversation = await chats.create_conversation(db, user=session.user)
-    started = await _start(request, services, db, conversation, text)
+    started = await _start(request, services, db, conversation, message)
     if isinstance(started, Response):
         return started
     return redirect(request, f"/c/{conversation.id}")
@@ -152,11 +150,7 @@ async def send_message(
     conversation: OwnedConversation,
     message: Annotated[str, Form()],
 ) -> Response:
-    try:
-        text = chats.clean_message(message)
-    except chats.ChatError as error:
-        return notice(request, services, sentence(error), status_code=400)
-    started = await _start(request, services, db, conversation, text)
+    started = await _start(request, services, db, conversation, message)
     if isinstance(started, Response):
         return started
     return render(
@@ -282,7 +276,7 @@ async def rename(
 ) -> Response:
     try:
         await chats.rename_conversation(db, conversation, title)
-    except chats.ChatError as error:
+    except chats.InvalidInput as error:
         return notice(request, services, sentence(error), status_code=400)
     return render(
         request, services, "partials/conversation_item.html", session=session, item=conversation, current=None

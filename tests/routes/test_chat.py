@@ -220,3 +220,18 @@ def elements(markup: str) -> list[tuple[str, list[tuple[str, str]]]]:
 
     Collector().feed(markup)
     return found
+
+
+def test_refused_sends_say_why_and_store_nothing(long_server: LiveServer, member_factory) -> None:
+    member: Member = member_factory(long_server)
+    conversation = member.start_chat("First")
+    message = reply_id(member.get(f"/c/{conversation}").text)
+    empty = member.post(f"/c/{conversation}/messages", data={"message": " \n "})
+    assert empty.status_code == 400 and "The message is empty." in empty.text
+    too_long = member.post(f"/c/{conversation}/messages", data={"message": "x" * 40_000})
+    assert too_long.status_code == 400 and "the limit is 32000" in too_long.text
+    busy = member.post(f"/c/{conversation}/messages", data={"message": "Second"})
+    assert busy.status_code == 409 and "still being written" in busy.text
+    assert member.post(f"/c/{conversation}/messages/{message}/stop").status_code == 204
+    page = member.get(f"/c/{conversation}").text
+    assert page.count('class="message user') == 1 and "Second" not in page
