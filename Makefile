@@ -12,6 +12,7 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev chromium
 	$(BIN)/ruff check app training tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 install: $(VENV)/.installed

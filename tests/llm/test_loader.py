@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -80,3 +81,49 @@ def test_unknown_quantization_and_missing_model_are_clear_errors(tmp_path: Path)
         load_model(ModelSpec(str(tmp_path / "missing"), device="cpu"))
     with pytest.raises(ModelLoadError, match="cannot load MODEL_ID"):
         load_model(ModelSpec(str(tmp_path), device="cpu"))  # a directory without a model
+
+
+def test_any_causal_lm_loads_through_the_same_path(tmp_path: Path, tiny_model: LoadedModel) -> None:
+    """A Llama-architecture checkpoint with a chat template: quantized, verified and served alike."""
+    import asyncio
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from app.llm.engine import GenerationEngine, GenerationRequest, SamplingParams
+    from app.llm.prompts import ChatTurn, build_prompt
+
+    tokenizer = copy.deepcopy(tiny_model.tokenizer)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+    tokenizer.save_pretrained(tmp_path)
+
+    loaded = load_model(ModelSpec(str(tmp_path), quantization="nf4", device="cpu"))
+    assert loaded.quantized_layers == 2 * 7  # q, k, v, o, gate, up, down in each block
+    assert loaded.context_window == 512
+    prompt = build_prompt(loaded.tokenizer, [ChatTurn("user", "Hi")], max_prompt_tokens=100)
+    assert loaded.tokenizer.decode(prompt.token_ids) == "user: Hi\nassistant:"
+
+    async def generate() -> tuple[str, str]:
+        engine = GenerationEngine(loaded)
+        engine.start()
+        try:
+            text, result = await engine.submit(
+                GenerationRequest(prompt.token_ids, SamplingParams(max_tokens=8, temperature=0))
+            ).collect()
+        finally:
+            engine.shutdown()
+        return text, result.finish_reason
+
+    ids = torch.tensor([prompt.token_ids])
+    expected = loaded.model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[
+        0, ids.shape[1] :
+    ]
+    text, finish_reason = asyncio.run(generate())
+    assert text == loaded.tokenizer.decode(expected, skip_special_tokens=True)
+    assert finish_reason == ("stop" if tokenizer.eos_token_id in expected.tolist() else "length")
