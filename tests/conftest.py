@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -282,3 +283,15 @@ def member_factory() -> Iterator[Any]:
     yield make
     for member in members:
         member.client.close()
+
+
+def elements(markup: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Every element the browser would build from `markup`, with its attributes."""
+    found: list[tuple[str, list[tuple[str, str]]]] = []
+
+    class Collector(HTMLParser):
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            found.append((tag, [(name, value or "") for name, value in attrs]))
+
+    Collector().feed(markup)
+    return found

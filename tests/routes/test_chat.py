@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from tests.conftest import LiveServer, Member, load_message, wait_for_message, with_db
+from tests.conftest import LiveServer, Member, elements, load_message, wait_for_message, with_db
 from tests.routes.sse import read_events
 
 
@@ -206,20 +206,6 @@ def test_model_output_with_html_and_markdown_renders_inert(server: LiveServer, m
         value for _, attrs in tags for name, value in attrs if name == "href" and "javascript" in value
     ]
     assert "<table>" in body and "<strong>bold</strong>" in body and "&lt;script&gt;alert(5)" in body
-
-
-def elements(markup: str) -> list[tuple[str, list[tuple[str, str]]]]:
-    """Every element the browser would build from `markup`, with its attributes."""
-    from html.parser import HTMLParser
-
-    found: list[tuple[str, list[tuple[str, str]]]] = []
-
-    class Collector(HTMLParser):
-        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-            found.append((tag, [(name, value or "") for name, value in attrs]))
-
-    Collector().feed(markup)
-    return found
 
 
 def test_refused_sends_say_why_and_store_nothing(long_server: LiveServer, member_factory) -> None:
