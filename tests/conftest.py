@@ -295,3 +295,41 @@ def elements(markup: str) -> list[tuple[str, list[tuple[str, str]]]]:
 
     Collector().feed(markup)
     return found
+
+
+# -- adapters ----------------------------------------------------------------------------------------
+
+FALCON_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+
+
+def build_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    seed: int = 1,
+    rank: int = 4,
+    alpha: int = 8,
+    targets: tuple[str, ...] = FALCON_TARGETS,
+    scale: float = 0.5,
+) -> Path:
+    """A real PEFT LoRA adapter for the tiny model, saved as PEFT saves it (config + safetensors).
+
+    Its B matrices are random (not PEFT's zero init), so it changes the model's output as a
+    trained adapter would.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, scale)
+    model.save_pretrained(out_dir)
+    return out_dir

@@ -64,6 +64,10 @@ class LoadedModel:
     memory_bytes: int
     load_seconds: float
 
+    @property
+    def fingerprint(self) -> str:
+        return base_fingerprint(self.model.config)
+
     def describe(self) -> dict[str, Any]:
         return {
             "model": self.spec.path_or_id,
@@ -177,6 +181,28 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     )
     log.info("model loaded: %s", loaded.describe())
     return loaded
+
+
+# Config keys that describe how a checkpoint was saved or is run, not what the network is.
+_FINGERPRINT_IGNORES = frozenset({
+    "_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "quantization_config",
+    "use_cache", "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
+    "architectures", "auto_map", "output_attentions", "output_hidden_states", "return_dict",
+})  # fmt: skip
+
+
+def base_fingerprint(config: Any) -> str:
+    """A short hash of a model config's architecture: equal for the same network, however it is loaded.
+
+    Adapters record it, so an adapter trained for another network is caught even when the names agree.
+    """
+    import hashlib
+    import json
+
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    kept = {key: value for key, value in values.items() if key not in _FINGERPRINT_IGNORES}
+    blob = json.dumps(kept, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def model_context_window(model: Any, tokenizer: Any) -> int:
