@@ -9,8 +9,11 @@ from __future__ import annotations
 import enum
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
+    JSON,
+    BigInteger,
     DateTime,
     Enum,
     ForeignKey,
@@ -19,6 +22,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
     Uuid,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -39,7 +43,7 @@ class Base(DeclarativeBase):
             "pk": "pk_%(table_name)s",
         }
     )
-    type_annotation_map = {datetime: DateTime(timezone=True)}
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON, list[str]: JSON}
 
 
 class Role(enum.StrEnum):
@@ -51,6 +55,12 @@ class MessageRole(enum.StrEnum):
     SYSTEM = "system"
     USER = "user"
     ASSISTANT = "assistant"
+
+
+class AdapterStatus(enum.StrEnum):
+    READY = "ready"  # validated and servable
+    DISABLED = "disabled"  # kept, but not served until enabled again
+    FAILED = "failed"  # could not be served; `status_reason` says why
 
 
 class MessageStatus(enum.StrEnum):
@@ -121,6 +131,8 @@ class Conversation(Base):
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     title: Mapped[str] = mapped_column(String(200), default="New chat")
+    # The adapter this conversation talks to, by name (its active version); None is the bare base.
+    adapter_name: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -154,3 +166,80 @@ class Message(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
+
+
+class Adapter(Base):
+    """A named LoRA adapter. Its `active_version` is what the name serves; rollback moves it back."""
+
+    __tablename__ = "adapters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    active_version: Mapped[int | None] = mapped_column(default=None)
+    # At most one adapter is the default for new conversations; none means the bare base model.
+    is_default: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    versions: Mapped[list[AdapterVersion]] = relationship(
+        back_populates="adapter",
+        order_by="AdapterVersion.version",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+
+
+class AdapterVersion(Base):
+    """One uploaded or trained version of an adapter, with what we checked about it."""
+
+    __tablename__ = "adapter_versions"
+    __table_args__ = (UniqueConstraint("adapter_id", "version", name="uq_adapter_versions_adapter_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"))
+    version: Mapped[int]
+    base_model: Mapped[str] = mapped_column(String(300))  # the base it was trained for, as it names it
+    base_fingerprint: Mapped[str] = mapped_column(String(64))  # app.llm.loader.base_fingerprint
+    peft_type: Mapped[str] = mapped_column(String(32))
+    rank: Mapped[int]
+    alpha: Mapped[float]
+    target_modules: Mapped[list[str]]
+    prompt_template: Mapped[str] = mapped_column(String(32))
+    sha256: Mapped[str] = mapped_column(String(64))  # of its files; names its directory in the store
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(String(16))  # upload | training
+    notes: Mapped[str] = mapped_column(Text, default="")
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    status: Mapped[AdapterStatus] = mapped_column(
+        _enum(AdapterStatus, "adapter_status"), default=AdapterStatus.READY
+    )
+    status_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    created_by_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), default=None
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    adapter: Mapped[Adapter] = relationship(back_populates="versions")
+    created_by: Mapped[User | None] = relationship(lazy="joined")
+
+
+class AuditEvent(Base):
+    """Who did what to which adapter (or user): written by the application, never edited by it."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), default=None)
+    actor_email: Mapped[str] = mapped_column(String(320))  # kept when the user is deleted
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(200))
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class RegistryState(Base):
+    """One row whose revision goes up with every registry change; servers poll it to converge."""
+
+    __tablename__ = "registry_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    revision: Mapped[int] = mapped_column(BigInteger, default=0)

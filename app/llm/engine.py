@@ -27,17 +27,20 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import torch
 
+from app.llm.adapters import AdapterRef, AdapterUnavailable, ResidentAdapters
 from app.llm.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class SamplingParams:
 class GenerationRequest:
     prompt_ids: Sequence[int]
     sampling: SamplingParams
+    adapter: AdapterRef | None = None  # None: the bare base model
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -194,6 +198,7 @@ class _Sequence:
         self.generator.manual_seed(self.params.seed if self.params.seed is not None else secrets.randbits(63))
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
+        self.adapter_key: str | None = None  # set once the engine holds the adapter for this sequence
 
     def result(self, reason: FinishReason, error: str | None = None) -> GenerationResult:
         now = time.perf_counter()
@@ -208,13 +213,17 @@ class _Sequence:
 
 
 class GenerationEngine:
-    def __init__(self, model: LoadedModel, *, max_running: int = 4, max_queued: int = 32) -> None:
+    def __init__(
+        self, model: LoadedModel, *, max_running: int = 4, max_queued: int = 32, max_adapters: int = 8
+    ) -> None:
         self.model = model
         self.max_running = max_running
         self.max_queued = max_queued
+        self.adapters = ResidentAdapters(model.model, max_resident=max_adapters)
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []
+        self._calls: list[Callable[[], None]] = []  # work for the worker thread between rounds
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._recent_durations: collections.deque[float] = collections.deque(maxlen=32)
@@ -241,6 +250,40 @@ class GenerationEngine:
     def load(self) -> dict[str, int]:
         with self._cond:
             return {"running": len(self._running), "waiting": len(self._waiting)}
+
+    async def call(self, work: Callable[[], T]) -> T:
+        """Run `work` on the worker thread between two rounds (no forward in flight); return its result."""
+        if not self.running:
+            raise EngineNotRunning("the generation engine is not running")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def settle(result: T | None, error: BaseException | None) -> None:
+            if done.done():  # the caller stopped waiting
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)  # type: ignore[arg-type]
+
+        def run() -> None:
+            try:
+                loop.call_soon_threadsafe(settle, work(), None)
+            except BaseException as error:
+                loop.call_soon_threadsafe(settle, None, error)
+
+        with self._cond:
+            self._calls.append(run)
+            self._cond.notify_all()
+        return await done
+
+    async def probe_adapter(self, path: Path, prompt_ids: list[int]) -> float:
+        """How far the adapter at `path` moves the next-token logits of `prompt_ids` (0: it does nothing)."""
+        return await self.call(lambda: self.adapters.probe(path, prompt_ids))
+
+    async def remove_adapter(self, key: str) -> None:
+        """Unload an adapter version (at once if idle, else when the requests using it end)."""
+        await self.call(lambda: self.adapters.remove(key))
 
     # -- the event loop's side -----------------------------------------------------------------
 
@@ -281,18 +324,52 @@ class GenerationEngine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._stopping and not self._waiting and not self._running:
+                    while not (self._stopping or self._waiting or self._running or self._calls):
                         self._cond.wait()
                     if self._stopping:
                         break
-                    while self._waiting and len(self._running) < self.max_running:
-                        self._running.append(self._waiting.popleft())
-                self._step_all()
+                    calls, self._calls = self._calls, []
+                for call in calls:
+                    call()
+                self._admit()
+                if self._running:
+                    self._step_all()
+                else:
+                    # Requests are waiting for adapter slots that nothing running holds: should not
+                    # happen, but never spin on it.
+                    with self._cond:
+                        self._cond.wait(0.1)
         with self._cond:
             for seq in [*self._running, *self._waiting]:
                 seq.stream._deliver(seq.result("cancelled", "the server is shutting down"))
             self._running.clear()
             self._waiting.clear()
+
+    def _admit(self) -> None:
+        """Move waiting requests into free running slots, in order, holding their adapters.
+
+        A request whose adapter cannot be made resident now (every slot held) keeps its place in
+        the queue and is looked at again next round; those behind it may go ahead.
+        """
+        with self._cond:
+            candidates = list(self._waiting)
+        for seq in candidates:
+            if len(self._running) >= self.max_running:
+                return
+            ref = seq.stream.request.adapter
+            if ref is not None and not self.adapters.can_hold(ref.key):
+                continue
+            with self._cond:
+                if seq not in self._waiting:  # cancelled meanwhile
+                    continue
+                self._waiting.remove(seq)
+                self._running.append(seq)
+            if ref is not None:
+                try:
+                    self.adapters.acquire(ref)
+                    seq.adapter_key = ref.key
+                except AdapterUnavailable as error:
+                    self._finish(seq, "error", str(error))
 
     def _step_all(self) -> None:
         """One round: every running sequence advances by one token (the first round prefills)."""
@@ -316,7 +393,9 @@ class GenerationEngine:
             seq.cache = DynamicCache(config=loaded.model.config)
         inputs = torch.tensor([seq.pending], device=loaded.device)
         cache = {self._cache_kwarg: seq.cache}
-        out = loaded.model(input_ids=inputs, use_cache=True, logits_to_keep=1, **cache)
+        out = self.adapters.forward(
+            seq.adapter_key, input_ids=inputs, use_cache=True, logits_to_keep=1, **cache
+        )
         token = sample_token(out.logits[0, -1], seq.params, seq.generator)
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
@@ -346,6 +425,9 @@ class GenerationEngine:
         result = seq.result(reason, error)
         self._recent_durations.append(result.duration_s)
         seq.cache = None  # free the KV cache now, not when the caller lets go of the stream
+        if seq.adapter_key is not None:
+            self.adapters.release(seq.adapter_key)
+            seq.adapter_key = None
         with self._cond, contextlib.suppress(ValueError):
             self._running.remove(seq)
         seq.stream._deliver(result)
