@@ -60,6 +60,13 @@ class Settings(BaseSettings):
     max_running_generations: Annotated[int, Field(ge=1)] = 4
     max_queued_generations: Annotated[int, Field(ge=0)] = 32
 
+    # Adapters: how many stay loaded on the GPU (least recently used are unloaded beyond that),
+    # the largest LoRA rank accepted, the largest upload, and how often servers look for changes.
+    max_resident_adapters: Annotated[int, Field(ge=1)] = 8
+    max_adapter_rank: Annotated[int, Field(ge=1)] = 256
+    max_adapter_upload_mb: Annotated[int, Field(ge=1)] = 2048
+    registry_poll_seconds: Annotated[float, Field(gt=0)] = 2.0
+
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     # HMAC key for session and API-key hashes. Generated into DATA_DIR in development;
@@ -105,6 +112,10 @@ class Settings(BaseSettings):
     @property
     def demo_model_dir(self) -> Path:
         return self.data_dir / "models" / "demo"
+
+    @property
+    def adapter_store_dir(self) -> Path:
+        return self.data_dir / "adapters"
 
     @property
     def model_path_or_id(self) -> str:

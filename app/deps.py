@@ -99,3 +99,26 @@ async def require_api_user(request: Request, db: DbDep, services: ServicesDep) -
 
 
 ApiUser = Annotated[User, Depends(require_api_user)]
+
+
+class AdminRequired(HTTPException):
+    def __init__(self) -> None:
+        super().__init__(403, "this page is for administrators only")
+
+
+async def require_admin_session(session: CurrentSession) -> AuthSession:
+    if not session.user.is_admin:
+        raise AdminRequired()
+    return session
+
+
+AdminSession = Annotated[AuthSession, Depends(require_admin_session)]
+
+
+async def require_admin_api_user(user: ApiUser) -> User:
+    if not user.is_admin:
+        raise AdminRequired()
+    return user
+
+
+AdminApiUser = Annotated[User, Depends(require_admin_api_user)]

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.config import Settings, get_settings
 from app.deps import ApiAuthError, LoginRequired
 from app.openai_protocol import error_body
-from app.routes import auth, chat, health, openai_api
+from app.routes import admin, auth, chat, health, openai_api
 from app.routes.html import is_htmx
 from app.services import build_services
 
@@ -41,6 +41,66 @@ SECURITY_HEADERS = [
     (b"referrer-policy", b"same-origin"),
     (b"x-frame-options", b"DENY"),
 ]
+
+
+class UploadLimit:
+    """Refuses request bodies over `max_bytes` on the upload routes while they stream in (413).
+
+    Starlette spools uploaded files to disk without a size limit; this stops an oversized upload
+    before it fills the disk, not after.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, prefixes: tuple[str, ...]) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.prefixes = prefixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or not scope["path"].startswith(self.prefixes)
+        ):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send)
+            return
+        seen = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge()
+            return message
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracking)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        limit = f"{self.max_bytes / 2**20:.0f} MB"
+        response = JSONResponse({"detail": f"the upload is larger than this server accepts ({limit})"}, 413)
+        await response({"type": "http"}, _no_receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
 
 
 class SecurityHeaders:
@@ -63,18 +123,26 @@ class SecurityHeaders:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.services = await build_services(settings or get_settings())
+        assert settings is not None
+        app.state.services = await build_services(settings)
         try:
             yield
         finally:
             await app.state.services.close()
 
     app = FastAPI(title="Private GPT", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(
+        UploadLimit,
+        max_bytes=settings.max_adapter_upload_mb * 2**20 + 2**20,  # the archive plus the form's other fields
+        prefixes=("/admin/adapters", "/api/admin/adapters"),
+    )
     app.add_middleware(SecurityHeaders)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for router in (health.router, auth.router, chat.router, openai_api.router):
+    for router in (health.router, auth.router, chat.router, openai_api.router, admin.pages, admin.api):
         app.include_router(router)
     _add_error_handlers(app)
     return app

@@ -19,6 +19,11 @@ from app.db import create_engine, create_sessionmaker
 from app.llm.demo import ensure_demo_model, is_demo_model
 from app.llm.engine import GenerationEngine
 from app.llm.loader import LoadedModel, ModelLoadError, ModelSpec, load_model
+from app.registry.archive import ArchiveLimits
+from app.registry.catalog import Catalog
+from app.registry.inspect import BaseIdentity
+from app.registry.intake import Intake
+from app.registry.store import AdapterStore
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,9 @@ class Services:
     jobs: JobManager
     templates: Jinja2Templates
     is_demo_model: bool
+    store: AdapterStore
+    catalog: Catalog
+    intake: Intake
 
     @property
     def reply_settings(self) -> ReplySettings:
@@ -52,6 +60,7 @@ class Services:
         )
 
     async def close(self) -> None:
+        await self.catalog.stop_polling()
         await self.jobs.shutdown()
         await asyncio.to_thread(self.engine.shutdown)
         await self.db_engine.dispose()
@@ -89,10 +98,31 @@ async def build_services(settings: Settings) -> Services:
         model,
         max_running=settings.max_running_generations,
         max_queued=settings.max_queued_generations,
+        max_adapters=settings.max_resident_adapters,
     )
     engine.start()
     templates = Jinja2Templates(directory=TEMPLATES_DIR)
     templates.env.filters["markdown"] = render_markdown
+    store = AdapterStore(settings.adapter_store_dir)
+    catalog = Catalog(
+        sessionmaker,
+        store,
+        engine,
+        base_name=settings.model_name,
+        poll_seconds=settings.registry_poll_seconds,
+    )
+    await catalog.refresh()
+    catalog.start_polling()
+    intake = Intake(
+        store=store,
+        engine=engine,
+        catalog=catalog,
+        base=BaseIdentity(
+            model_id=settings.model_path_or_id, served_name=settings.model_name, fingerprint=model.fingerprint
+        ),
+        limits=ArchiveLimits(max_archive_bytes=settings.max_adapter_upload_mb * 2**20),
+        max_rank=settings.max_adapter_rank,
+    )
     return Services(
         settings=settings,
         secret=secret,
@@ -103,4 +133,7 @@ async def build_services(settings: Settings) -> Services:
         jobs=JobManager(sessionmaker),
         templates=templates,
         is_demo_model=is_demo_model(settings.model_path_or_id),
+        store=store,
+        catalog=catalog,
+        intake=intake,
     )

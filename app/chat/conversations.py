@@ -81,8 +81,10 @@ async def list_messages(db: AsyncSession, conversation: Conversation) -> Sequenc
     return (await db.scalars(query)).all()
 
 
-async def create_conversation(db: AsyncSession, *, user: User, title: str = "New chat") -> Conversation:
-    conversation = Conversation(user_id=user.id, title=title)
+async def create_conversation(
+    db: AsyncSession, *, user: User, title: str = "New chat", adapter_name: str | None = None
+) -> Conversation:
+    conversation = Conversation(user_id=user.id, title=title, adapter_name=adapter_name)
     db.add(conversation)
     await db.flush()
     return conversation
@@ -93,6 +95,11 @@ async def rename_conversation(db: AsyncSession, conversation: Conversation, titl
     if not title:
         raise InvalidInput("the title is empty")
     conversation.title = title[:200]
+    await db.commit()
+
+
+async def set_adapter(db: AsyncSession, conversation: Conversation, adapter_name: str | None) -> None:
+    conversation.adapter_name = adapter_name
     await db.commit()
 
 

@@ -12,6 +12,7 @@ from app.chat.jobs import GenerationJob, JobManager
 from app.llm.engine import GenerationEngine, GenerationRequest, SamplingParams
 from app.llm.prompts import ChatTurn, build_prompt
 from app.models import Conversation, Message, MessageRole, MessageStatus
+from app.registry.catalog import Catalog, ServedVersion, UnknownModel
 
 
 @dataclass(frozen=True)
@@ -30,14 +31,36 @@ class StartedReply:
 
 
 def prompt_request(
-    engine: GenerationEngine, turns: Sequence[ChatTurn], sampling: SamplingParams
+    engine: GenerationEngine,
+    turns: Sequence[ChatTurn],
+    sampling: SamplingParams,
+    adapter: ServedVersion | None,
+    catalog: Catalog,
 ) -> GenerationRequest:
     """Build the engine request for a conversation; raises PromptTooLong or ValueError."""
     window = engine.model.context_window
     if sampling.max_tokens >= window:
         raise ValueError(f"max_tokens must be below the model's context window of {window} tokens")
-    prompt = build_prompt(engine.model.tokenizer, turns, max_prompt_tokens=window - sampling.max_tokens)
-    return GenerationRequest(prompt_ids=prompt.token_ids, sampling=sampling)
+    prompt = build_prompt(
+        engine.model.tokenizer,
+        turns,
+        max_prompt_tokens=window - sampling.max_tokens,
+        template=adapter.prompt_template if adapter else None,
+    )
+    return GenerationRequest(
+        prompt_ids=prompt.token_ids, sampling=sampling, adapter=catalog.ref(adapter) if adapter else None
+    )
+
+
+def conversation_adapter(catalog: Catalog, conversation: Conversation) -> ServedVersion | None:
+    """The adapter version a conversation talks to now; never silently the base instead."""
+    try:
+        return catalog.resolve(conversation.adapter_name)
+    except UnknownModel:
+        raise ChatError(
+            f"the adapter '{conversation.adapter_name}' of this conversation is not available any more; "
+            "choose another one above"
+        ) from None
 
 
 async def start_reply(
@@ -46,6 +69,7 @@ async def start_reply(
     conversation: Conversation,
     user_text: str | None,
     engine: GenerationEngine,
+    catalog: Catalog,
     jobs: JobManager,
     settings: ReplySettings,
 ) -> StartedReply:
@@ -71,7 +95,8 @@ async def start_reply(
     sampling = SamplingParams(
         max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p
     )
-    stream = engine.submit(prompt_request(engine, turns, sampling))
+    adapter = conversation_adapter(catalog, conversation)
+    stream = engine.submit(prompt_request(engine, turns, sampling, adapter, catalog))
     try:
         user_message, reply = await add_exchange(db, conversation=conversation, user_text=user_text)
     except BaseException:

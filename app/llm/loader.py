@@ -63,6 +63,9 @@ class LoadedModel:
     quantized_layers: int
     memory_bytes: int
     load_seconds: float
+    # Every linear layer of the base as loaded (name -> (in_features, out_features)), taken before
+    # any adapter wraps them: what an adapter's target modules and tensor shapes are checked against.
+    linear_layers: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
@@ -178,6 +181,11 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         quantized_layers=quantized,
         memory_bytes=model.get_memory_footprint(),
         load_seconds=time.perf_counter() - started,
+        linear_layers={
+            name: (module.in_features, module.out_features)
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear)
+        },
     )
     log.info("model loaded: %s", loaded.describe())
     return loaded

@@ -60,14 +60,19 @@ def render_alpaca(turns: Sequence[ChatTurn]) -> str:
     return "".join(parts)
 
 
-def render(tokenizer: Any, turns: Sequence[ChatTurn]) -> str:
-    if getattr(tokenizer, "chat_template", None):
+def render(tokenizer: Any, turns: Sequence[ChatTurn], template: str | None = None) -> str:
+    """The prompt text: `template` "alpaca" or "chat_template" as an adapter was trained, or by the model."""
+    if template == "chat_template" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the adapter expects the model's chat template, but this model has none")
+    if template != "alpaca" and getattr(tokenizer, "chat_template", None):
         messages = [{"role": t.role, "content": t.content} for t in turns]
         return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     return render_alpaca(turns)
 
 
-def build_prompt(tokenizer: Any, turns: Sequence[ChatTurn], *, max_prompt_tokens: int) -> Prompt:
+def build_prompt(
+    tokenizer: Any, turns: Sequence[ChatTurn], *, max_prompt_tokens: int, template: str | None = None
+) -> Prompt:
     """Encode `turns` (ending with the new user message), dropping the oldest history to fit."""
     if not turns or turns[-1].role != "user":
         raise ValueError("a prompt must end with a user message")
@@ -76,7 +81,9 @@ def build_prompt(tokenizer: Any, turns: Sequence[ChatTurn], *, max_prompt_tokens
     newest = turns[-1]
     dropped = 0
     while True:
-        ids = tokenizer.encode(render(tokenizer, [*system, *history, newest]), add_special_tokens=False)
+        ids = tokenizer.encode(
+            render(tokenizer, [*system, *history, newest], template), add_special_tokens=False
+        )
         if len(ids) <= max_prompt_tokens:
             return Prompt(token_ids=ids, dropped_turns=dropped)
         if not history:

@@ -8,7 +8,7 @@ its own. Closing the tab does not stop the reply: it is finished and stored eith
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Header, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
@@ -21,6 +21,7 @@ from app.deps import CurrentSession, DbDep, ServicesDep
 from app.llm.engine import EngineOverloaded
 from app.llm.prompts import PromptTooLong
 from app.models import Conversation, Message, MessageStatus
+from app.registry.catalog import UnknownModel
 from app.routes.html import is_htmx, notice, redirect, render, sentence
 from app.services import Services
 
@@ -71,6 +72,7 @@ async def _start(
             conversation=conversation,
             user_text=text,
             engine=services.engine,
+            catalog=services.catalog,
             jobs=services.jobs,
             settings=services.reply_settings,
         )
@@ -101,6 +103,7 @@ async def new_chat(request: Request, services: ServicesDep, db: DbDep, session: 
         messages=[],
         streams={},
         conversations=await chats.list_conversations(db, session.user),
+        **picker(services),
     )
 
 
@@ -111,9 +114,14 @@ async def create_chat(
     db: DbDep,
     session: CurrentSession,
     message: Annotated[str, Form()],
+    adapter: Annotated[str, Form()] = "",
 ) -> Response:
-    """Start a conversation with its first message, then open it."""
-    conversation = await chats.create_conversation(db, user=session.user)
+    """Start a conversation with its first message (on the chosen adapter), then open it."""
+    try:
+        services.catalog.resolve(adapter or None)
+    except UnknownModel as error:
+        return notice(request, services, sentence(error), status_code=400)
+    conversation = await chats.create_conversation(db, user=session.user, adapter_name=adapter or None)
     started = await _start(request, services, db, conversation, message)
     if isinstance(started, Response):
         return started
@@ -138,7 +146,38 @@ async def show_chat(
         messages=messages,
         streams=stream_state(services, messages),
         conversations=await chats.list_conversations(db, session.user),
+        **picker(services),
     )
+
+
+@router.post("/c/{conversation_id}/adapter", response_class=HTMLResponse)
+async def choose_adapter(
+    request: Request,
+    services: ServicesDep,
+    db: DbDep,
+    session: CurrentSession,
+    conversation: OwnedConversation,
+    adapter: Annotated[str, Form()] = "",
+) -> Response:
+    """Switch the adapter that answers in this conversation from its next reply on."""
+    try:
+        services.catalog.resolve(adapter or None)
+    except UnknownModel as error:
+        return notice(request, services, sentence(error), status_code=400)
+    await chats.set_adapter(db, conversation, adapter or None)
+    return render(
+        request,
+        services,
+        "partials/adapter_picker.html",
+        session=session,
+        conversation=conversation,
+        **picker(services),
+    )
+
+
+def picker(services: Services) -> dict[str, Any]:
+    """What the adapter picker shows: the ready adapters and the default for new conversations."""
+    return {"adapters": services.catalog.ready_names(), "default_adapter": services.catalog.default}
 
 
 @router.post("/c/{conversation_id}/messages", response_class=HTMLResponse)

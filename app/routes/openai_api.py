@@ -21,6 +21,8 @@ from app.deps import ApiUser, ServicesDep
 from app.llm.engine import EngineOverloaded, GenerationResult, GenerationStream, SamplingParams
 from app.llm.prompts import ChatTurn, PromptTooLong
 from app.openai_protocol import ChatCompletionRequest, completion_id, error_body, now, usage
+from app.registry.catalog import UnknownModel
+from app.routes.html import sentence
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -48,19 +50,14 @@ class ApiError(Exception):
 
 @router.get("/models")
 async def list_models(services: ServicesDep, _user: ApiUser) -> dict[str, Any]:
-    created = now()
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": services.settings.model_name,
-                "object": "model",
-                "created": created,
-                "owned_by": "private-gpt",
-                "parent": None,
-            }
-        ],
-    }
+    """The base model and every adapter that is ready, each adapter with `parent` = the base."""
+    created, base = now(), services.settings.model_name
+    models = [{"id": base, "object": "model", "created": created, "owned_by": "private-gpt", "parent": None}]
+    models += [
+        {"id": name, "object": "model", "created": created, "owned_by": "private-gpt", "parent": base}
+        for name in services.catalog.ready_names()
+    ]
+    return {"object": "list", "data": models}
 
 
 @router.post("/chat/completions", response_model=None)
@@ -68,14 +65,10 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, services: ServicesDep, _user: ApiUser
 ) -> Response:
     settings = services.settings
-    if body.model != settings.model_name:
-        raise ApiError(
-            404,
-            f"The model '{body.model}' does not exist; GET /v1/models lists the models served here.",
-            "invalid_request_error",
-            "model_not_found",
-            "model",
-        )
+    try:
+        adapter = services.catalog.resolve(body.model)
+    except UnknownModel as error:
+        raise ApiError(404, sentence(error), "invalid_request_error", "model_not_found", "model") from None
     try:
         turns = [ChatTurn("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
     except ValueError as error:
@@ -101,7 +94,9 @@ async def chat_completions(
         stop=body.stop_sequences(),
     )
     try:
-        stream = services.engine.submit(prompt_request(services.engine, turns, sampling))
+        stream = services.engine.submit(
+            prompt_request(services.engine, turns, sampling, adapter, services.catalog)
+        )
     except EngineOverloaded as error:
         raise ApiError(
             429,
@@ -116,7 +111,7 @@ async def chat_completions(
         ) from None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_chunks(stream, settings.model_name, include_usage), ping=15)
+        return EventSourceResponse(_chunks(stream, body.model, include_usage), ping=15)
     try:
         text, result = await _collect_while_connected(stream, request)
     finally:
@@ -128,7 +123,7 @@ async def chat_completions(
             "id": completion_id(),
             "object": "chat.completion",
             "created": now(),
-            "model": settings.model_name,
+            "model": body.model,
             "choices": [
                 {
                     "index": 0,

@@ -1,0 +1,163 @@
+"""What this server can serve right now: an in-memory view of the registry, kept fresh by polling.
+
+Requests resolve `model` / a conversation's adapter here, without a database round trip. Each
+server process polls the registry's revision counter (one indexed row) every few seconds and
+reloads the view when it moved, so a change made through any process is served by all of them
+shortly after; adapter versions that stopped being servable are unloaded from the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.llm.adapters import AdapterRef
+from app.llm.engine import GenerationEngine
+from app.models import AdapterStatus
+from app.registry import service
+from app.registry.store import AdapterStore
+
+log = logging.getLogger(__name__)
+
+
+class UnknownModel(LookupError):
+    """No adapter (or base model) of that name is served here; the message says what is."""
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    name: str
+    version: int
+    version_id: int
+    sha256: str
+    ready: bool
+    prompt_template: str
+
+    @property
+    def key(self) -> str:
+        # The engine's name for this version; equal in every process sharing the database.
+        return f"adapter-{self.version_id}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    revision: int = -1
+    active: dict[str, int] = field(default_factory=dict)  # name -> active version number
+    versions: dict[tuple[str, int], ServedVersion] = field(default_factory=dict)
+    default: str | None = None
+
+    def servable_keys(self) -> set[str]:
+        return {v.key for v in self.versions.values() if v.ready}
+
+
+class Catalog:
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        store: AdapterStore,
+        engine: GenerationEngine,
+        *,
+        base_name: str,
+        poll_seconds: float = 2.0,
+    ) -> None:
+        self._sessionmaker = sessionmaker
+        self._store = store
+        self._engine = engine
+        self.base_name = base_name
+        self.poll_seconds = poll_seconds
+        self.snapshot = Snapshot()
+        self._lock = asyncio.Lock()
+        self._poller: asyncio.Task[None] | None = None
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def ready_names(self) -> list[str]:
+        """Adapter names whose active version can be served, for pickers and /v1/models."""
+        snap = self.snapshot
+        return sorted(name for name, number in snap.active.items() if snap.versions[(name, number)].ready)
+
+    @property
+    def default(self) -> str | None:
+        return self.snapshot.default
+
+    def resolve(self, model: str | None) -> ServedVersion | None:
+        """`name` (its active version), `name@N` (pinned), or the base model's name / None (no adapter)."""
+        if model is None or model == self.base_name:
+            return None
+        snap = self.snapshot
+        name, _, pinned = model.partition("@")
+        if name not in snap.active:
+            raise UnknownModel(
+                f"the model '{model}' does not exist; GET /v1/models lists the models served here"
+            )
+        if pinned:
+            if not pinned.isdigit() or (name, int(pinned)) not in snap.versions:
+                raise UnknownModel(f"adapter '{name}' has no version '{pinned}'")
+            served = snap.versions[(name, int(pinned))]
+        else:
+            served = snap.versions[(name, snap.active[name])]
+        if not served.ready:
+            raise UnknownModel(
+                f"adapter '{served.label}' is disabled; an admin can enable it or activate another"
+            )
+        return served
+
+    def ref(self, served: ServedVersion) -> AdapterRef:
+        return AdapterRef(key=served.key, path=self._store.path(served.sha256), label=served.label)
+
+    # -- keeping fresh -------------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Reload the view if the registry changed since we last looked; unload what left it."""
+        async with self._lock, self._sessionmaker() as db:
+            current = await service.revision(db)
+            if current == self.snapshot.revision:
+                return
+            adapters = await service.list_adapters(db)
+        active: dict[str, int] = {}
+        versions: dict[tuple[str, int], ServedVersion] = {}
+        default = None
+        for adapter in adapters:
+            if adapter.active_version is not None:
+                active[adapter.name] = adapter.active_version
+            if adapter.is_default:
+                default = adapter.name
+            for v in adapter.versions:
+                versions[(adapter.name, v.version)] = ServedVersion(
+                    adapter.name,
+                    v.version,
+                    v.id,
+                    v.sha256,
+                    v.status is AdapterStatus.READY,
+                    v.prompt_template,
+                )
+        gone = self.snapshot.servable_keys()
+        self.snapshot = Snapshot(current, active, versions, default)
+        for key in gone - self.snapshot.servable_keys():
+            await self._engine.remove_adapter(key)
+        log.info("registry revision %d: %d adapters", current, len(active))
+
+    def start_polling(self) -> None:
+        self._poller = asyncio.create_task(self._poll(), name="registry-poller")
+
+    async def stop_polling(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            try:
+                await self.refresh()
+            except Exception:  # a database hiccup must not stop the polling
+                log.exception("could not refresh the adapter registry")

@@ -1,0 +1,186 @@
+"""The adapter registry's data functions: publish, activate, roll back, enable, disable, delete, default.
+
+Every change writes an audit record and bumps the registry's revision in the same transaction, so
+every server process polling the revision picks the change up (see catalog.py).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
+
+from app.models import Adapter, AdapterStatus, AdapterVersion, AuditEvent, RegistryState, User
+from app.registry.inspect import AdapterFacts
+from app.registry.store import StoredAdapter
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+class RegistryError(ValueError):
+    """A registry change that cannot be made; the message says why. `status` is the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def check_name(name: str, *, base_name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise RegistryError(
+            f"{name!r} is not a valid adapter name: use 1 to 64 lower-case letters, digits, '-' or '_', "
+            "starting with a letter or digit",
+            400,
+        )
+    if name == base_name:
+        raise RegistryError(f"{name!r} is the base model's name; choose another", 400)
+    return name
+
+
+async def revision(db: AsyncSession) -> int:
+    return int(await db.scalar(select(RegistryState.revision).where(RegistryState.id == 1)) or 0)
+
+
+async def _changed(db: AsyncSession, actor: User, action: str, target: str, **details: Any) -> None:
+    db.add(
+        AuditEvent(actor_id=actor.id, actor_email=actor.email, action=action, target=target, details=details)
+    )
+    await db.execute(
+        update(RegistryState).where(RegistryState.id == 1).values(revision=RegistryState.revision + 1)
+    )
+    await db.commit()
+
+
+async def list_adapters(db: AsyncSession) -> Sequence[Adapter]:
+    query = select(Adapter).options(selectinload(Adapter.versions)).order_by(Adapter.name)
+    return (await db.scalars(query)).all()
+
+
+async def get_adapter(db: AsyncSession, name: str) -> Adapter:
+    adapter = await db.scalar(
+        select(Adapter).options(selectinload(Adapter.versions)).where(Adapter.name == name)
+    )
+    if adapter is None:
+        raise RegistryError(f"there is no adapter named {name!r}", 404)
+    return adapter
+
+
+def _version(adapter: Adapter, number: int) -> AdapterVersion:
+    found = next((v for v in adapter.versions if v.version == number), None)
+    if found is None:
+        raise RegistryError(f"adapter {adapter.name!r} has no version {number}", 404)
+    return found
+
+
+async def publish_version(
+    db: AsyncSession,
+    *,
+    name: str,
+    facts: AdapterFacts,
+    stored: StoredAdapter,
+    source: str,
+    notes: str,
+    actor: User,
+) -> AdapterVersion:
+    """Register a validated, stored adapter as the next version of `name`, and make it the one served."""
+    adapter = await db.scalar(select(Adapter).where(Adapter.name == name))
+    if adapter is None:
+        adapter = Adapter(name=name)
+        db.add(adapter)
+        await db.flush()
+    number = int(
+        await db.scalar(select(func.coalesce(func.max(AdapterVersion.version), 0)).where(
+            AdapterVersion.adapter_id == adapter.id
+        ))
+        or 0
+    ) + 1  # fmt: skip
+    version = AdapterVersion(
+        adapter_id=adapter.id,
+        version=number,
+        base_model=facts.base_model,
+        base_fingerprint=facts.base_fingerprint,
+        peft_type=facts.peft_type,
+        rank=facts.rank,
+        alpha=facts.alpha,
+        target_modules=list(facts.target_modules),
+        prompt_template=facts.prompt_template,
+        sha256=stored.sha256,
+        size_bytes=stored.size_bytes,
+        source=source,
+        notes=notes,
+        metrics=facts.metrics,
+        created_by_id=actor.id,
+    )
+    db.add(version)
+    adapter.active_version = number
+    await _changed(db, actor, "publish", f"{name}@{number}", source=source, sha256=stored.sha256)
+    return version
+
+
+async def activate_version(db: AsyncSession, *, name: str, version: int, actor: User) -> None:
+    """Serve `version` under `name` from the next request on (a rollback when it is older)."""
+    adapter = await get_adapter(db, name)
+    chosen = _version(adapter, version)
+    if chosen.status is not AdapterStatus.READY:
+        raise RegistryError(f"{name}@{version} is {chosen.status.value}; enable it before serving it")
+    previous = adapter.active_version
+    adapter.active_version = version
+    action = "rollback" if previous is not None and version < previous else "activate"
+    await _changed(db, actor, action, f"{name}@{version}", previous=previous)
+
+
+async def set_enabled(db: AsyncSession, *, name: str, version: int, enabled: bool, actor: User) -> None:
+    adapter = await get_adapter(db, name)
+    chosen = _version(adapter, version)
+    if chosen.status is AdapterStatus.FAILED:
+        raise RegistryError(
+            f"{name}@{version} failed ({chosen.status_reason}); upload a fixed version instead"
+        )
+    if not enabled and adapter.is_default and adapter.active_version == version:
+        raise RegistryError(
+            f"{name}@{version} serves the default for new conversations; choose another default first"
+        )
+    chosen.status = AdapterStatus.READY if enabled else AdapterStatus.DISABLED
+    await _changed(db, actor, "enable" if enabled else "disable", f"{name}@{version}")
+
+
+async def delete_version(db: AsyncSession, *, name: str, version: int, actor: User) -> str | None:
+    """Delete a version that is not being served; returns its sha256 if no version uses its files any more."""
+    adapter = await get_adapter(db, name)
+    chosen = _version(adapter, version)
+    if adapter.is_default and adapter.active_version == version:
+        raise RegistryError(f"{name}@{version} serves new conversations by default; choose another default")
+    if adapter.active_version == version and len(adapter.versions) > 1:
+        raise RegistryError(f"{name}@{version} is what {name!r} serves; activate another version first")
+    sha256 = chosen.sha256
+    if len(adapter.versions) == 1:
+        await db.delete(adapter)  # its last version: the name goes too
+    else:
+        await db.delete(chosen)
+    await _changed(db, actor, "delete", f"{name}@{version}", sha256=sha256)
+    return None if await sha256_in_use(db, sha256) else sha256
+
+
+async def sha256_in_use(db: AsyncSession, sha256: str) -> bool:
+    """Whether any version (of any adapter) still uses the stored files with this content hash."""
+    query = select(func.count()).select_from(AdapterVersion).where(AdapterVersion.sha256 == sha256)
+    return bool(await db.scalar(query))
+
+
+async def set_default(db: AsyncSession, *, name: str | None, actor: User) -> None:
+    """Make `name` (None: the bare base model) the adapter new conversations start with."""
+    if name is not None:
+        adapter = await get_adapter(db, name)
+        active = next((v for v in adapter.versions if v.version == adapter.active_version), None)
+        if active is None or active.status is not AdapterStatus.READY:
+            raise RegistryError(f"{name!r} has no ready version to serve; activate one first")
+    await db.execute(update(Adapter).values(is_default=Adapter.name == name if name is not None else False))
+    await _changed(db, actor, "set-default", name or "(base model)")
+
+
+async def audit_log(db: AsyncSession, *, limit: int = 200) -> Sequence[AuditEvent]:
+    return (await db.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit))).all()
