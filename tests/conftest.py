@@ -333,3 +333,50 @@ def build_adapter(
                 parameter.normal_(0.0, scale)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def zip_directory(directory: Path, archive: Path) -> Path:
+    """A .zip of the files in `directory`, as an admin would upload it."""
+    import zipfile
+
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out:
+        for path in sorted(directory.iterdir()):
+            out.write(path, path.name)
+    return archive
+
+
+@dataclass
+class Admin:
+    """An admin with an API key, driving the registry through its JSON API."""
+
+    server: LiveServer
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def upload(self, name: str, archive: Path, notes: str = "") -> httpx.Response:
+        with archive.open("rb") as file:
+            return httpx.post(
+                f"{self.server.url}/api/admin/adapters/{name}/versions",
+                headers=self.headers,
+                files={"file": (archive.name, file, "application/zip")},
+                data={"notes": notes},
+                timeout=120,
+            )
+
+    def act(self, name: str, version: int, action: str) -> httpx.Response:
+        url = f"{self.server.url}/api/admin/adapters/{name}/versions/{version}/{action}"
+        return httpx.post(url, headers=self.headers, timeout=60)
+
+    def set_default(self, name: str | None) -> httpx.Response:
+        return httpx.put(
+            f"{self.server.url}/api/admin/default-adapter", headers=self.headers, json={"name": name}
+        )
+
+
+def make_admin(server: LiveServer) -> Admin:
+    email = f"admin-{uuid.uuid4().hex[:8]}@example.com"
+    create_user(server.settings, email, admin=True)
+    return Admin(server, create_api_key(server.settings, email))

@@ -165,6 +165,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         raise ModelLoadError(f"cannot load MODEL_ID={spec.path_or_id!r}{hint}: {error}") from error
     model.eval()
     quantized = verify_quantized(model, spec.quantization)
+    if device.type == "cpu":
+        keep_cpu_weights_in_one_layout(model)
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -211,6 +213,19 @@ def base_fingerprint(config: Any) -> str:
     kept = {key: value for key, value in values.items() if key not in _FINGERPRINT_IGNORES}
     blob = json.dumps(kept, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def keep_cpu_weights_in_one_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernels.
+
+    It repacks on the first forward and unpacks whenever the state dict is read (PEFT does when it
+    loads an adapter), re-quantizing the block scales each time: the base model's output would
+    drift a little with every adapter load. One layout keeps outputs exactly reproducible, which
+    matters more than CPU speed (the CPU serves the demo and the tests; production is CUDA).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def model_context_window(model: Any, tokenizer: Any) -> int:

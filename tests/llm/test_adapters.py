@@ -75,8 +75,11 @@ async def test_a_held_adapter_is_never_evicted_under_its_request(model: LoadedMo
     engine.start()
     try:
         expected_b = await run(engine, model, adapters["hr"])
-        long_a = engine.submit(GenerationRequest(prompt(model), SamplingParams(max_tokens=150, temperature=0),
-                                                 adapter=adapters["finance"]))  # fmt: skip
+        long_a = engine.submit(
+            GenerationRequest(
+                prompt(model), SamplingParams(max_tokens=150, temperature=0), adapter=adapters["finance"]
+            )
+        )
         b_waits = asyncio.ensure_future(run(engine, model, adapters["hr"]))
         await asyncio.sleep(0.2)
         assert not b_waits.done() and engine.load() == {"running": 1, "waiting": 1}
@@ -91,8 +94,11 @@ async def test_removed_adapter_is_unloaded_after_its_last_request(model: LoadedM
     engine = GenerationEngine(model, max_running=2, max_adapters=4)
     engine.start()
     try:
-        running = engine.submit(GenerationRequest(prompt(model), SamplingParams(max_tokens=100, temperature=0),
-                                                  adapter=adapters["legal"]))  # fmt: skip
+        running = engine.submit(
+            GenerationRequest(
+                prompt(model), SamplingParams(max_tokens=100, temperature=0), adapter=adapters["legal"]
+            )
+        )
         async for _ in running:
             break  # it is decoding now
         await engine.remove_adapter("legal")
@@ -105,8 +111,9 @@ async def test_removed_adapter_is_unloaded_after_its_last_request(model: LoadedM
         engine.shutdown()
 
 
-async def test_probe_tells_an_adapter_that_does_nothing(model: LoadedModel, adapters, tmp_path: Path,
-                                                        tiny_model_dir: Path) -> None:  # fmt: skip
+async def test_probe_tells_an_adapter_that_does_nothing(
+    model: LoadedModel, adapters, tmp_path: Path, tiny_model_dir: Path
+) -> None:
     engine = GenerationEngine(model)
     engine.start()
     try:
@@ -118,8 +125,9 @@ async def test_probe_tells_an_adapter_that_does_nothing(model: LoadedModel, adap
         engine.shutdown()
 
 
-async def test_an_adapter_that_does_not_load_fails_its_request_alone(model: LoadedModel, adapters,
-                                                                     tmp_path: Path) -> None:  # fmt: skip
+async def test_an_adapter_that_does_not_load_fails_its_request_alone(
+    model: LoadedModel, adapters, tmp_path: Path
+) -> None:
     engine = GenerationEngine(model)
     engine.start()
     try:

@@ -1,0 +1,201 @@
+"""Adapters end to end on a live server: upload, serve by the next request, pick, roll back, refuse.
+
+Real PEFT adapters for the tiny NF4 model go in through the admin API; replies are compared with
+greedy decoding, so "served by adapter X" is checked by exact output, not by a label.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import (
+    Admin,
+    LiveServer,
+    build_adapter,
+    create_api_key,
+    make_admin,
+    make_settings,
+    wait_for_message,
+    zip_directory,
+)
+
+SYSTEM = "You are a helpful assistant for the employees of this company."
+
+
+@pytest.fixture(scope="module")
+def greedy_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[LiveServer]:
+    """Greedy replies of 32 tokens in the chat too, so chat and API outputs can be compared exactly."""
+    settings = make_settings(
+        tmp_path_factory.mktemp("adapters-server"),
+        tiny_model_dir,
+        default_temperature=0.0,
+        max_new_tokens=32,
+        system_prompt=SYSTEM,
+        max_resident_adapters=2,
+    )
+    live = LiveServer(settings).start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("archives")
+    built = {}
+    for label, seed, scale in (("one", 1, 0.5), ("two", 2, 0.5), ("three", 3, 0.5), ("inert", 4, 0.0)):
+        directory = build_adapter(tiny_model_dir, root / label, seed=seed, scale=scale)
+        built[label] = zip_directory(directory, root / f"{label}.zip")
+    return built
+
+
+@pytest.fixture(scope="module")
+def admin(greedy_server: LiveServer) -> Admin:
+    return make_admin(greedy_server)
+
+
+@pytest.fixture(scope="module")
+def client(greedy_server: LiveServer, admin: Admin) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{greedy_server.url}/v1", api_key=admin.key, max_retries=0)
+
+
+def ask(
+    client: openai.OpenAI, model: str, question: str = "How do I file an expense?", tokens: int = 32
+) -> str:
+    reply = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+        max_tokens=tokens,
+        temperature=0,
+    )
+    return reply.choices[0].message.content or ""
+
+
+def test_an_upload_is_served_by_the_next_request(
+    greedy_server: LiveServer, admin: Admin, archives, client, member_factory
+) -> None:
+    base = greedy_server.settings.model_name
+    before = ask(client, base)
+    response = admin.upload("finance", archives["one"], notes="expense policy v1")
+    assert response.status_code == 201, response.text
+    published = response.json()
+    assert (published["version"], published["active"], published["status"]) == (1, True, "ready")
+    assert published["rank"] == 4 and published["source"] == "upload" and len(published["sha256"]) == 64
+
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) == {base, "finance"} and models["finance"].parent == base  # type: ignore[attr-defined]
+    with_adapter = ask(client, "finance")
+    assert with_adapter != before and ask(client, "finance@1") == with_adapter
+    assert ask(client, base) == before  # the base is still served as the base
+
+    # The chat: a new conversation on the adapter gets exactly what the API gave.
+    member = member_factory(greedy_server)
+    response = member.post("/c", data={"message": "How do I file an expense?", "adapter": "finance"})
+    conversation = response.headers["HX-Redirect"].rsplit("/", 1)[-1]
+    page = member.get(f"/c/{conversation}").text
+    assert '<option value="finance" selected>' in page
+    reply = re.findall(r'id="msg-([0-9a-f-]{36})" class="message assistant', page)[-1]
+    assert wait_for_message(greedy_server.settings, reply).content == with_adapter
+
+
+def test_rollback_restores_the_earlier_versions_exact_output(
+    greedy_server: LiveServer, admin: Admin, archives, client
+) -> None:
+    assert admin.upload("hr", archives["one"]).status_code == 201
+    first = ask(client, "hr")
+    second_version = admin.upload("hr", archives["two"], notes="retrained")
+    assert second_version.json()["version"] == 2
+    second = ask(client, "hr")
+    assert second != first and ask(client, "hr@1") == first
+    assert admin.act("hr", 1, "activate").status_code == 200  # roll back
+    assert ask(client, "hr") == first
+    audit = httpx.get(f"{greedy_server.url}/api/admin/audit", headers=admin.headers).json()
+    assert [(e["action"], e["target"]) for e in audit[:3]] == [("rollback", "hr@1"), ("publish", "hr@2"),
+                                                               ("publish", "hr@1")]  # fmt: skip
+
+
+def test_two_conversations_on_different_adapters_stream_at_once(
+    greedy_server: LiveServer, admin: Admin, archives, client, member_factory
+) -> None:
+    for name, archive in (("legal", archives["two"]), ("ops", archives["three"])):
+        assert admin.upload(name, archive).status_code == 201
+    alone = {name: ask(client, name, "Who approves travel?") for name in ("legal", "ops")}
+    assert alone["legal"] != alone["ops"]
+    members = [member_factory(greedy_server) for _ in range(2)]
+    replies: dict[str, str] = {}
+
+    def chat(member, name: str) -> None:  # type: ignore[no-untyped-def]
+        response = member.post("/c", data={"message": "Who approves travel?", "adapter": name})
+        conversation = response.headers["HX-Redirect"].rsplit("/", 1)[-1]
+        page = member.get(f"/c/{conversation}").text
+        replies[name] = re.findall(r'id="msg-([0-9a-f-]{36})" class="message assistant', page)[-1]
+
+    threads = [
+        threading.Thread(target=chat, args=(m, n)) for m, n in zip(members, ("legal", "ops"), strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name, message in replies.items():
+        assert wait_for_message(greedy_server.settings, message).content == alone[name], name
+
+
+def test_unknown_and_disabled_adapters_are_errors_never_the_base(
+    greedy_server: LiveServer, admin: Admin, archives, client, member_factory
+) -> None:
+    assert admin.upload("payroll", archives["three"]).status_code == 201
+    member = member_factory(greedy_server)
+    response = member.post("/c", data={"message": "hello", "adapter": "payroll"})
+    conversation = response.headers["HX-Redirect"].rsplit("/", 1)[-1]
+    page = member.get(f"/c/{conversation}").text
+    wait_for_message(
+        greedy_server.settings, re.findall(r'id="msg-([0-9a-f-]{36})" class="message assistant', page)[-1]
+    )
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        ask(client, "no-such-adapter")
+    with pytest.raises(openai.NotFoundError, match="has no version '9'"):
+        ask(client, "payroll@9")
+    assert admin.act("payroll", 1, "disable").status_code == 200
+    with pytest.raises(openai.NotFoundError, match="is disabled"):
+        ask(client, "payroll")
+    assert "payroll" not in {m.id for m in client.models.list()}
+    refused = member.post(f"/c/{conversation}/messages", data={"message": "and now?"})
+    assert refused.status_code == 409 and "not available any more" in refused.text
+    assert admin.act("payroll", 1, "enable").status_code == 200
+    assert member.post(f"/c/{conversation}/messages", data={"message": "and now?"}).status_code == 200
+
+
+def test_an_adapter_that_changes_nothing_is_refused_and_leaves_nothing(
+    greedy_server: LiveServer, admin: Admin, archives
+) -> None:
+    store = greedy_server.settings.adapter_store_dir
+    before = sorted(p.name for p in store.iterdir())
+    response = admin.upload("inert", archives["inert"])
+    assert response.status_code == 422
+    assert "does not change the model's output" in response.json()["detail"]
+    assert sorted(p.name for p in store.iterdir()) == before
+    assert list((store / ".incoming").iterdir()) == []
+    assert "inert" not in [a["name"] for a in httpx.get(f"{greedy_server.url}/api/admin/adapters",
+                                                         headers=admin.headers).json()]  # fmt: skip
+
+
+def test_admin_pages_and_api_refuse_users(greedy_server: LiveServer, member_factory) -> None:
+    member = member_factory(greedy_server)
+    assert member.get("/admin/adapters").status_code == 403
+    key = create_api_key(greedy_server.settings, member.email)
+    assert (
+        httpx.get(
+            f"{greedy_server.url}/api/admin/adapters", headers={"Authorization": f"Bearer {key}"}
+        ).status_code
+        == 403
+    )
+    admin_member = member_factory(greedy_server, admin=True)
+    page = admin_member.get("/admin/adapters")
+    assert page.status_code == 200 and "Upload a version" in page.text
