@@ -225,7 +225,7 @@ def keep_cpu_weights_in_one_layout(model: nn.Module) -> None:
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 - a plain attribute of bnb's
 
 
 def model_context_window(model: Any, tokenizer: Any) -> int:
