@@ -104,6 +104,8 @@ async def _first_admin(settings: Settings) -> None:
     """On a brand-new development install, make an admin so `make run` leads to a usable chat."""
     import secrets
 
+    from sqlalchemy.exc import IntegrityError
+
     from app.auth import service as auth
     from app.config import Environment
     from app.db import create_engine, create_sessionmaker
@@ -122,7 +124,10 @@ async def _first_admin(settings: Settings) -> None:
                 )
                 return
             password = secrets.token_urlsafe(12)
-            await auth.create_user(db, email=FIRST_ADMIN_EMAIL, password=password, role=Role.ADMIN)
+            try:
+                await auth.create_user(db, email=FIRST_ADMIN_EMAIL, password=password, role=Role.ADMIN)
+            except (auth.UserError, IntegrityError):
+                return  # another server process starting at the same time made it first
             print(
                 f"\nNo users yet, so an admin was created for you:\n  email:    {FIRST_ADMIN_EMAIL}\n"
                 f"  password: {password}\n(shown once; add real accounts with `python -m app create-user`)\n",
