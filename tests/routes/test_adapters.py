@@ -199,3 +199,38 @@ def test_admin_pages_and_api_refuse_users(greedy_server: LiveServer, member_fact
     admin_member = member_factory(greedy_server, admin=True)
     page = admin_member.get("/admin/adapters")
     assert page.status_code == 200 and "Upload a version" in page.text
+
+
+def test_publishing_while_a_reply_streams_leaves_that_reply_alone(
+    greedy_server: LiveServer, admin: Admin, archives, client
+) -> None:
+    assert admin.upload("swap", archives["one"]).status_code == 201
+    expected = ask(client, "swap", tokens=1000)
+    streaming = threading.Event()
+    streamed: list[str] = []
+
+    def long_reply() -> None:
+        chunks = client.chat.completions.create(
+            model="swap",
+            messages=[
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": "How do I file an expense?"},
+            ],
+            max_tokens=1000,
+            temperature=0,
+            stream=True,
+        )
+        for chunk in chunks:
+            streaming.set()
+            streamed.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+
+    reader = threading.Thread(target=long_reply)
+    reader.start()
+    assert streaming.wait(30)
+    assert admin.upload("swap", archives["two"]).json()["version"] == 2  # published mid-reply
+    still_running = greedy_server.services.engine.load()["running"]
+    new_version = ask(client, "swap")
+    reader.join(60)
+    assert still_running >= 1, "the long reply was still being written when version 2 went live"
+    assert new_version != expected[: len(new_version)]  # the next request got version 2 ...
+    assert "".join(streamed) == expected  # ... while the running one kept version 1 to its end
