@@ -173,3 +173,58 @@ def test_hostile_text_from_users_and_the_model_never_runs(page: Page, server: Li
     assert page.dialogs == []  # type: ignore[attr-defined]
     # The title (taken from the first message) is shown as text in the sidebar and header too.
     assert "<script>" in page.locator(".chat-header h1").inner_text()
+
+
+def test_admin_uploads_rolls_back_and_a_user_chats_with_the_adapter(
+    page: Page, server: LiveServer, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from tests.conftest import build_adapter, zip_directory
+
+    first = zip_directory(
+        build_adapter(tiny_model_dir, tmp_path / "v1", seed=11), tmp_path / "policies-v1.zip"
+    )
+    second = zip_directory(
+        build_adapter(tiny_model_dir, tmp_path / "v2", seed=12), tmp_path / "policies-v2.zip"
+    )
+    email = f"admin-{uuid.uuid4().hex[:8]}@example.com"
+    create_user(server.settings, email, admin=True)
+    page.goto(f"{server.url}/login")
+    page.fill("input[name=email]", email)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.click("a[href='/admin/adapters']")
+    expect(page).to_have_url(f"{server.url}/admin/adapters")
+
+    for archive, notes in ((first, "first cut"), (second, "retrained")):
+        page.fill("#upload input[name=name]", "policies")
+        page.set_input_files("#upload input[name=file]", str(archive))
+        page.fill("#upload textarea[name=notes]", notes)
+        page.click("#upload button[type=submit]")
+        expect(page.locator("#adapter-policies")).to_contain_text(notes)
+    serving = page.locator("#adapter-policies tr.active")
+    expect(serving).to_contain_text("serving")
+    expect(serving.locator("td").first).to_have_text(re.compile(r"^2"))
+
+    # Roll back to version 1 in the browser.
+    page.locator("#adapter-policies tr", has_text="first cut").locator("button", has_text="Roll back").click()
+    expect(page.locator("#adapter-policies tr.active td").first).to_have_text(re.compile(r"^1"))
+
+    # A refused upload says why, and keeps the page as it was.
+    page.fill("#upload input[name=name]", "Bad Name!")
+    page.set_input_files("#upload input[name=file]", str(first))
+    page.evaluate("document.querySelector('#upload input[name=name]').removeAttribute('pattern')")
+    page.click("#upload button[type=submit]")
+    expect(page.locator("#notice")).to_contain_text("is not a valid adapter name")
+
+    page.click("a[href='/admin/audit']")
+    expect(page.locator("table")).to_contain_text("rollback")
+
+    # The chat offers the adapter; a conversation on it gets a reply.
+    page.goto(f"{server.url}/")
+    page.select_option("select[name=adapter]", "policies")
+    page.fill("#message", "What changed in the travel policy?")
+    page.keyboard.press("Enter")
+    expect(page).to_have_url(re.compile(r"/c/[0-9a-f-]{36}$"))
+    expect(page.locator("#adapter-picker select")).to_have_value("policies")
+    expect(page.locator("article.assistant").last).to_have_class(re.compile(r"\bcomplete\b"))
+    assert page.dialogs == []  # type: ignore[attr-defined]
