@@ -162,7 +162,10 @@ def test_unknown_and_disabled_adapters_are_errors_never_the_base(
         ask(client, "no-such-adapter")
     with pytest.raises(openai.NotFoundError, match="has no version '9'"):
         ask(client, "payroll@9")
+    served = greedy_server.services.catalog.resolve("payroll")
+    assert served.key in greedy_server.services.engine.adapters.resident
     assert admin.act("payroll", 1, "disable").status_code == 200
+    assert served.key not in greedy_server.services.engine.adapters.resident  # unloaded, memory freed
     with pytest.raises(openai.NotFoundError, match="is disabled"):
         ask(client, "payroll")
     assert "payroll" not in {m.id for m in client.models.list()}
