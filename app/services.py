@@ -104,6 +104,8 @@ async def build_services(settings: Settings) -> Services:
     templates = Jinja2Templates(directory=TEMPLATES_DIR)
     templates.env.filters["markdown"] = render_markdown
     store = AdapterStore(settings.adapter_store_dir)
+    if swept := store.sweep_incoming():
+        log.warning("removed %d unfinished adapter uploads left by a stopped server", swept)
     catalog = Catalog(
         sessionmaker,
         store,

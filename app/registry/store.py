@@ -22,6 +22,7 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,20 @@ class AdapterStore:
         self.root = Path(root)
         self._incoming = self.root / _INCOMING
         self._incoming.mkdir(parents=True, exist_ok=True)
+
+    def sweep_incoming(self, older_than_s: float = 6 * 3600) -> int:
+        """Remove upload directories left by a process that died mid-upload; returns how many.
+
+        Only old ones: another process sharing the store may be unpacking an upload right now.
+        """
+        cutoff = time.time() - older_than_s
+        stale = [entry for entry in self._incoming.iterdir() if entry.stat().st_mtime < cutoff]
+        for entry in stale:
+            if entry.is_dir():
+                _remove_tree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+        return len(stale)
 
     @contextlib.contextmanager
     def incoming(self) -> Iterator[Path]:

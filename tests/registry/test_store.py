@@ -199,3 +199,19 @@ def test_processes_sharing_the_store_commit_the_same_content_at_once(tmp_path: P
     assert len(digests) == 1
     assert sorted(path.name for path in root.iterdir()) == [".incoming", *digests]
     assert not any((root / ".incoming").iterdir())
+
+
+def test_sweep_removes_only_old_unfinished_uploads(tmp_path: Path) -> None:
+    import os
+    import time
+
+    store = AdapterStore(tmp_path / "adapters")
+    incoming = tmp_path / "adapters" / ".incoming"
+    old, fresh = incoming / "old-upload", incoming / "fresh-upload"
+    for directory in (old, fresh):
+        directory.mkdir()
+        (directory / "adapter_config.json").write_text("{}")
+    long_ago = time.time() - 7 * 3600
+    os.utime(old, (long_ago, long_ago))
+    assert store.sweep_incoming() == 1
+    assert not old.exists() and fresh.exists()
