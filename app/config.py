@@ -16,6 +16,8 @@ from typing import Annotated, Self
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.llm.prompts import DEFAULT_SYSTEM_PROMPT
+
 DEMO_MODEL_NAME = "private-gpt-demo"
 
 
@@ -55,7 +57,7 @@ class Settings(BaseSettings):
     max_new_tokens_limit: Annotated[int, Field(ge=1)] = 4096
     default_temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
     default_top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
-    system_prompt: str = "You are a helpful assistant for the employees of this company."
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
     # Sequences decoding at once; more wait in the queue, and past that requests get 429.
     max_running_generations: Annotated[int, Field(ge=1)] = 4
     max_queued_generations: Annotated[int, Field(ge=0)] = 32

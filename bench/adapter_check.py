@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_check import (  # noqa: E402
+from bench.gpu_check import (
     COMPARE,
     EOS_ID,
     NEW_TOKENS,
@@ -99,6 +99,13 @@ def r3(x: float | None) -> float | None:
 
 # ---------------------------------------------------------------------------------------------
 # 1. adapters, written as PEFT saves them, without touching the served model
+
+
+def fresh_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
 
 
 def make_adapter(env: Env, linear_layers: dict[str, tuple[int, int]], out_dir: Path, seed: int) -> Path:
@@ -203,7 +210,9 @@ def instrument(timer: StageTimer, engine: Any, store: Any, catalog: Any) -> None
 # engine helpers (everything runs in one event loop)
 
 
-async def engine_gen(engine: Any, ids: list[int], max_tokens: int, adapter: Any = None) -> tuple[float | None, Any]:
+async def engine_gen(
+    engine: Any, ids: list[int], max_tokens: int, adapter: Any = None
+) -> tuple[float | None, Any]:
     """Submit, stream to the end; returns (seconds from submit to the first TextDelta, result)."""
     from app.llm.engine import GenerationRequest, SamplingParams
 
@@ -220,7 +229,9 @@ async def engine_gen(engine: Any, ids: list[int], max_tokens: int, adapter: Any 
     return first, stream.result
 
 
-async def engine_speed(label: str, engine: Any, ids: list[int], warm_ids: list[int], adapter: Any, rec: Recorder) -> list[int]:
+async def engine_speed(
+    label: str, engine: Any, ids: list[int], warm_ids: list[int], adapter: Any, rec: Recorder
+) -> list[int]:
     """Warm-up, then 3 x 128 tokens; logs the median tokens/s; returns the tokens of the median run."""
     await engine_gen(engine, warm_ids, 8, adapter)
     runs = []
@@ -304,10 +315,7 @@ async def run(env: Env) -> None:
         log("mem.after_load_GiB", gib(env.allocated()))
 
     # -- 1. adapters (CPU work; the model is not touched)
-    work = Path("/tmp/adapter_check-tiny" if env.tiny else "/tmp/adapter_check")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work = fresh_dir(Path("/tmp/adapter_check-tiny" if env.tiny else "/tmp/adapter_check"))
     archives = []
     for i in range(N_ADAPTERS):
         t = time.perf_counter()
@@ -392,8 +400,14 @@ async def run(env: Env) -> None:
             log(f"{key}.first_token_after_publish_s", r3(first))
             log(f"{key}.engine_ttft_s", r3(res.time_to_first_token_s))
             log(f"{key}.upload_to_first_token_s", round(t2 - t0, 3))
-            log(f"{key}.first_request", {"tokens": res.completion_tokens, "finish": res.finish_reason, "error": res.error})
-            log(f"{key}.registered", {"name": name, "version": version.version, "key": ref.key, "sha256": version.sha256[:12]})
+            log(
+                f"{key}.first_request",
+                {"tokens": res.completion_tokens, "finish": res.finish_reason, "error": res.error},
+            )
+            log(
+                f"{key}.registered",
+                {"name": name, "version": version.version, "key": ref.key, "sha256": version.sha256[:12]},
+            )
             log(f"{key}.peft_loads_during", engine.adapters.loads - loads_before)
             refs.append(ref)
             save()
@@ -424,16 +438,20 @@ async def run(env: Env) -> None:
 
             def margin() -> dict[str, Any]:
                 with torch.inference_mode():
-                    sc = pm.generate(
-                        ids_dev,
-                        attention_mask=torch.ones_like(ids_dev),
-                        max_new_tokens=pos + 1,
-                        do_sample=False,
-                        pad_token_id=EOS_ID,
-                        output_scores=True,
-                        return_dict_in_generate=True,
-                        adapter_names=[key1],
-                    ).scores[pos][0].float()
+                    sc = (
+                        pm.generate(
+                            ids_dev,
+                            attention_mask=torch.ones_like(ids_dev),
+                            max_new_tokens=pos + 1,
+                            do_sample=False,
+                            pad_token_id=EOS_ID,
+                            output_scores=True,
+                            return_dict_in_generate=True,
+                            adapter_names=[key1],
+                        )
+                        .scores[pos][0]
+                        .float()
+                    )
                 top = sc.topk(2)
                 return {
                     "position": pos,
@@ -486,16 +504,26 @@ def table() -> str:
         return f"{r(f'{key}.publish_s')} s  ({parts})"
 
     def cmp(label: str) -> str:
-        return f"{r(f'compare.{label}.first32_equal_positions')} of 32 (prefix {r(f'compare.{label}.first32_matching_prefix')})"
+        equal = r(f"compare.{label}.first32_equal_positions")
+        return f"{equal} of 32 (prefix {r(f'compare.{label}.first32_matching_prefix')})"
 
     rows = [
         ("card", v.get("card")),
         (
             "torch / transformers / bitsandbytes / peft / sqlalchemy",
-            f"{v.get('torch')} / {v.get('transformers')} / {v.get('bitsandbytes')} / {v.get('peft')} / {v.get('sqlalchemy')}",
+            " / ".join(
+                str(v.get(k)) for k in ("torch", "transformers", "bitsandbytes", "peft", "sqlalchemy")
+            ),
         ),
-        ("adapter: safetensors / zip bytes", f"{r('adapter.safetensors_bytes')} / {r('adapter.archive_bytes')}"),
-        ("memory_allocated base only / 2 adapters, GiB", f"{r('mem.base_only_GiB')} / {r('mem.two_adapters_GiB')}  (+{r('mem.two_adapters_delta_MiB')} MiB)"),
+        (
+            "adapter: safetensors / zip bytes",
+            f"{r('adapter.safetensors_bytes')} / {r('adapter.archive_bytes')}",
+        ),
+        (
+            "memory_allocated base only / 2 adapters, GiB",
+            f"{r('mem.base_only_GiB')} / {r('mem.two_adapters_GiB')}"
+            f"  (+{r('mem.two_adapters_delta_MiB')} MiB)",
+        ),
     ]
     for i in (1, 2):
         key = f"adapter{i}"
@@ -514,7 +542,10 @@ def table() -> str:
         ("generate, bare base (seed)", gen("generate.base")),
         ("PEFT generate, adapter 1, adapter_names=", gen("peft_generate.adapter1_names")),
         ("PEFT generate, adapter 1, set_adapter", gen("peft_generate.adapter1_set_adapter")),
-        ("greedy: engine adapter1 vs PEFT generate adapter1", cmp("engine_adapter1_vs_peft_generate_adapter1")),
+        (
+            "greedy: engine adapter1 vs PEFT generate adapter1",
+            cmp("engine_adapter1_vs_peft_generate_adapter1"),
+        ),
         ("greedy: engine base after vs before", cmp("engine_base_after_vs_before")),
         ("greedy: engine adapter1 vs base (should differ)", cmp("engine_adapter1_vs_base")),
     ]
@@ -548,6 +579,12 @@ def main() -> int:
             "python": sys.version.split()[0],
         },
     )
+    # Fail fast (before the checkpoint is built) if the registry's packages did not travel.
+    import aiosqlite  # noqa: F401
+
+    import app.db
+    import app.registry.intake  # noqa: F401
+
     failed = False
     try:
         make_checkpoint(env)

@@ -7,8 +7,9 @@ and MLP, rotary positions) at a tiny size, with a byte-level BPE tokenizer train
 directory and served through the same loader as a real checkpoint.
 
 Its weights are random, so it writes word salad from the corpus' vocabulary. The output head is
-scaled so that sampling is decisive, and its end-of-text row is zero, so replies run until the
-token limit (a random model that stopped at random would make a poor demo and flaky tests).
+scaled so that sampling is decisive, and end-of-text is held well below the other tokens, so
+replies run until the token limit (a random model that stopped at random would make a poor demo
+and flaky tests) until an adapter teaches it where answers end.
 
     python -m app build-demo-model [DIR]
 """
@@ -31,7 +32,8 @@ class DemoModelShape:
     num_attention_heads: int = 4
     context_window: int = 8192
     seed: int = 0
-    # "never": the end-of-text logit is pinned to zero (replies run to the token limit);
+    # "never": end-of-text is held 12 logits below the rest (replies run to the token limit unless an
+    # adapter learned to end answers);
     # "always": it dominates (replies end at once), for tests of the end-of-text path.
     eos: str = "never"
 
@@ -92,18 +94,22 @@ def build_demo_model(path: Path, shape: DemoModelShape) -> Path:
         head = model.lm_head.weight
         # Logits with a spread of a few units make sampling pick among a handful of tokens.
         head.mul_(3.0 / (head.std() * shape.hidden_size**0.5))
-        # One hidden dimension carries a constant (the final norm's bias), read only by the rows
-        # we steer: tokens that are not clean text (lone bytes of a multi-byte character, control
-        # characters) are pushed out of reach, and end-of-text is pinned as `shape.eos` says.
-        steer = torch.zeros(len(tokenizer))
+        # Two hidden dimensions carry constants (the final norm's bias), read only by the rows we
+        # steer. Dimension 0 keeps tokens that are not clean text (lone bytes of a multi-byte
+        # character, control characters) out of reach. Dimension 1 sets end-of-text: "never" puts
+        # it 12 below the other logits, which sampling all but never reaches (about 1e-8 a token)
+        # but a LoRA adapter can learn to overcome, so trained demo adapters do stop.
+        clean = torch.zeros(len(tokenizer))
         for token_id in range(len(tokenizer)):
             text = str(tokenizer.decode([token_id]))
             if token_id != eos_id and not _clean(text):
-                steer[token_id] = -10.0
-        steer[eos_id] = {"never": -10.0, "always": 10.0}[shape.eos]
+                clean[token_id] = -10.0
+        end = torch.zeros(len(tokenizer))
+        end[eos_id] = {"never": -1.2, "always": 10.0}[shape.eos]
         model.transformer.ln_f.bias.zero_()
-        model.transformer.ln_f.bias[0] = 10.0
-        head[:, 0] = steer
+        model.transformer.ln_f.bias[:2] = 10.0
+        head[:, 0] = clean
+        head[:, 1] = end
 
     tmp = path.with_name(path.name + ".building")
     tmp.mkdir(parents=True, exist_ok=True)

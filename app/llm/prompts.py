@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant"]
 
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant for the employees of this company."
+
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request."
@@ -47,9 +49,14 @@ def format_alpaca_example(instruction: str, input_text: str = "", response: str 
     return text + f"### Response:\n{response}"
 
 
+def alpaca_header(system: str) -> str:
+    """The text before the first instruction: the Alpaca preamble and the system prompt."""
+    return f"{ALPACA_PREAMBLE} {system}".strip() + "\n\n"
+
+
 def render_alpaca(turns: Sequence[ChatTurn]) -> str:
     system = next((t.content for t in turns if t.role == "system"), "")
-    parts = [f"{ALPACA_PREAMBLE} {system}".strip() + "\n\n"]
+    parts = [alpaca_header(system)]
     dialogue = [t for t in turns if t.role != "system"]
     for index, turn in enumerate(dialogue):
         if turn.role == "user":
