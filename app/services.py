@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.chat.conversations import mark_interrupted_replies
 from app.chat.jobs import JobManager
-from app.chat.render import render_markdown
+from app.chat.render import loss_sparkline, render_markdown
 from app.chat.replies import ReplySettings
 from app.config import Settings
 from app.db import create_engine, create_sessionmaker
@@ -103,6 +103,7 @@ async def build_services(settings: Settings) -> Services:
     engine.start()
     templates = Jinja2Templates(directory=TEMPLATES_DIR)
     templates.env.filters["markdown"] = render_markdown
+    templates.env.filters["sparkline"] = loss_sparkline
     store = AdapterStore(settings.adapter_store_dir)
     if swept := store.sweep_incoming():
         log.warning("removed %d unfinished adapter uploads left by a stopped server", swept)

@@ -211,6 +211,7 @@ def train(config: TrainingConfig, *, resume: bool = False, callbacks: list[Any] 
         else None,
         "wall_time_s": round(time.perf_counter() - started, 1),
         "steps": trainer.state.global_step,
+        "loss_curve": loss_curve(history),
     }
     (adapter_dir / MANIFEST).write_text(json.dumps({
         "base_fingerprint": run.fingerprint,
@@ -253,6 +254,13 @@ def write_manifest(
     }
     (out / "training_manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     (out / "config.resolved.json").write_text(json.dumps(config.resolved(), indent=1))
+
+
+def loss_curve(history: list[dict[str, Any]], points: int = 200) -> list[list[float]]:
+    """[[step, train loss], ...], thinned to at most `points`, for the registry's admin pages."""
+    curve = [[h["step"], round(float(h["loss"]), 4)] for h in history if "loss" in h]
+    stride = max(1, -(-len(curve) // points))
+    return curve[::stride]
 
 
 def plot_loss(history: list[dict[str, Any]], path: Path) -> None:

@@ -45,3 +45,23 @@ def render_markdown(text: str) -> Markup:
 def render_stream_text(text: str) -> str:
     """A streamed delta as HTML text: escaped, shown as typed (the page keeps whitespace)."""
     return escape(text, quote=False)
+
+
+def loss_sparkline(curve: list[list[float]] | None, width: int = 160, height: int = 36) -> Markup:
+    """A training loss curve as a small inline SVG (no script, so the page's CSP allows it)."""
+    if not curve or len(curve) < 2:
+        return Markup("")
+    steps = [float(point[0]) for point in curve]
+    losses = [float(point[1]) for point in curve]
+    low, high = min(losses), max(losses)
+    span_x, span_y = (steps[-1] - steps[0]) or 1.0, (high - low) or 1.0
+    points = " ".join(
+        f"{(x - steps[0]) / span_x * (width - 2) + 1:.1f},{(high - y) / span_y * (height - 2) + 1:.1f}"
+        for x, y in zip(steps, losses, strict=True)
+    )
+    label = escape(f"loss from {losses[0]:.3g} to {losses[-1]:.3g} over {int(steps[-1])} steps")
+    return Markup(
+        f'<svg class="sparkline" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="{label}"><title>{label}</title><polyline fill="none" stroke="currentColor" '
+        f'stroke-width="1.5" points="{points}"/></svg>'
+    )

@@ -50,3 +50,13 @@ def test_markdown_keeps_what_answers_need() -> None:
 
 def test_streamed_text_is_escaped() -> None:
     assert render_stream_text("<b>& it's\n") == "&lt;b&gt;&amp; it's\n"
+
+
+def test_loss_sparkline_is_plain_svg() -> None:
+    from app.chat.render import loss_sparkline
+
+    svg = str(loss_sparkline([[1, 4.0], [2, 2.0], [3, 1.0]]))
+    assert svg.startswith('<svg class="sparkline"') and 'points="1.0,1.0 80.0,23.7 159.0,35.0"' in svg
+    assert "loss from 4 to 1 over 3 steps" in svg
+    assert {tag for tag, _ in elements(svg)} == {"svg", "title", "polyline"}
+    assert str(loss_sparkline(None)) == "" and str(loss_sparkline([[1, 2.0]])) == ""

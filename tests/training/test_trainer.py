@@ -149,7 +149,7 @@ def test_a_trained_adapter_is_published_and_served(
 
         assert answer("leave") != answer(settings.model_name)
         page = admin.get("/admin/adapters").text
-        assert ">training</td>" in page and "team leave" in page
+        assert "team leave" in page and "training" in page and '<svg class="sparkline"' in page
     finally:
         get_settings.cache_clear()
         live.stop()
