@@ -24,6 +24,9 @@ from app.registry.store import AdapterStore
 log = logging.getLogger(__name__)
 
 
+MISSING_FILES = "its files are missing from the adapter store; upload this version again"
+
+
 class UnknownModel(LookupError):
     """No adapter (or base model) of that name is served here; the message says what is."""
 
@@ -34,8 +37,12 @@ class ServedVersion:
     version: int
     version_id: int
     sha256: str
-    ready: bool
+    status: AdapterStatus
     prompt_template: str
+
+    @property
+    def ready(self) -> bool:
+        return self.status is AdapterStatus.READY
 
     @property
     def key(self) -> str:
@@ -106,7 +113,7 @@ class Catalog:
             served = snap.versions[(name, snap.active[name])]
         if not served.ready:
             raise UnknownModel(
-                f"adapter '{served.label}' is disabled; an admin can enable it or activate another"
+                f"adapter '{served.label}' is {served.status.value}; an admin can enable or activate another"
             )
         return served
 
@@ -122,6 +129,12 @@ class Catalog:
             if current == self.snapshot.revision:
                 return
             adapters = await service.list_adapters(db)
+            for adapter in adapters:
+                for v in adapter.versions:
+                    if v.status is AdapterStatus.READY and not self._store.has(v.sha256):
+                        # The store is shared; someone removed files from under us. Say so once,
+                        # in the registry, rather than failing every request that names it.
+                        await service.mark_failed(db, adapter=adapter, version=v, reason=MISSING_FILES)
         active: dict[str, int] = {}
         versions: dict[tuple[str, int], ServedVersion] = {}
         default = None
@@ -136,7 +149,7 @@ class Catalog:
                     v.version,
                     v.id,
                     v.sha256,
-                    v.status is AdapterStatus.READY,
+                    v.status,
                     v.prompt_template,
                 )
         gone = self.snapshot.servable_keys()

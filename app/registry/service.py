@@ -45,9 +45,19 @@ async def revision(db: AsyncSession) -> int:
     return int(await db.scalar(select(RegistryState.revision).where(RegistryState.id == 1)) or 0)
 
 
-async def _changed(db: AsyncSession, actor: User, action: str, target: str, **details: Any) -> None:
+SERVER = "(server)"  # the actor recorded for changes the server makes itself
+
+
+async def _changed(db: AsyncSession, actor: User | None, action: str, target: str, **details: Any) -> None:
+    email = actor.email if actor else SERVER
     db.add(
-        AuditEvent(actor_id=actor.id, actor_email=actor.email, action=action, target=target, details=details)
+        AuditEvent(
+            actor_id=actor.id if actor else None,
+            actor_email=email,
+            action=action,
+            target=target,
+            details=details,
+        )
     )
     await db.execute(
         update(RegistryState).where(RegistryState.id == 1).values(revision=RegistryState.revision + 1)
@@ -169,6 +179,13 @@ async def sha256_in_use(db: AsyncSession, sha256: str) -> bool:
     """Whether any version (of any adapter) still uses the stored files with this content hash."""
     query = select(func.count()).select_from(AdapterVersion).where(AdapterVersion.sha256 == sha256)
     return bool(await db.scalar(query))
+
+
+async def mark_failed(db: AsyncSession, *, adapter: Adapter, version: AdapterVersion, reason: str) -> None:
+    """A version the server cannot serve: record why, so admins see it and requests get a clear no."""
+    version.status = AdapterStatus.FAILED
+    version.status_reason = reason
+    await _changed(db, None, "fail", f"{adapter.name}@{version.version}", reason=reason)
 
 
 async def set_default(db: AsyncSession, *, name: str | None, actor: User) -> None:

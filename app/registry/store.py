@@ -109,6 +109,10 @@ class AdapterStore:
             raise ValueError(f"not an adapter version (64 lowercase hex digits): {sha256!r}")
         return self.root / sha256
 
+    def has(self, sha256: str) -> bool:
+        """Whether the version's files are here (its weights file, at least)."""
+        return (self.path(sha256) / "adapter_model.safetensors").is_file()
+
     def remove(self, sha256: str) -> None:
         """Delete a version's files; removing one that is not there is not an error."""
         target = self.path(sha256)

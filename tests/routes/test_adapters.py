@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from app.registry.catalog import MISSING_FILES
 from tests.conftest import (
     Admin,
     LiveServer,
@@ -237,3 +238,26 @@ def test_publishing_while_a_reply_streams_leaves_that_reply_alone(
     assert still_running >= 1, "the long reply was still being written when version 2 went live"
     assert new_version != expected[: len(new_version)]  # the next request got version 2 ...
     assert "".join(streamed) == expected  # ... while the running one kept version 1 to its end
+
+
+def test_a_version_whose_files_vanished_is_marked_failed(
+    greedy_server: LiveServer, admin: Admin, archives, client
+) -> None:
+    import shutil
+
+    published = admin.upload("vanishing", archives["three"]).json()
+    store = greedy_server.settings.adapter_store_dir
+    (store / published["sha256"]).chmod(0o755)
+    shutil.rmtree(store / published["sha256"])  # someone cleaned the shared store by hand
+    assert admin.set_default(None).status_code == 200  # any registry change makes every server look again
+    listed = httpx.get(f"{greedy_server.url}/api/admin/adapters", headers=admin.headers).json()
+    version = next(a for a in listed if a["name"] == "vanishing")["versions"][0]
+    assert (version["status"], version["status_reason"]) == ("failed", MISSING_FILES)
+    with pytest.raises(openai.NotFoundError, match="'vanishing@1' is failed"):
+        ask(client, "vanishing")
+    audit = httpx.get(f"{greedy_server.url}/api/admin/audit", headers=admin.headers).json()
+    assert any(
+        e["action"] == "fail" and e["actor"] == "(server)" and e["target"] == "vanishing@1" for e in audit
+    )
+    refused = admin.act("vanishing", 1, "enable")
+    assert refused.status_code == 409 and "upload a fixed version" in refused.json()["detail"]
