@@ -109,7 +109,7 @@ def build_run(config: TrainingConfig, *, callbacks: list[Any] | None = None) -> 
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
+    device = training_device(config)
     tokenizer = load_tokenizer(config)
     data = load_data(config, tokenizer)
     log.info("data:\n%s", data.report.summary())
@@ -156,6 +156,7 @@ def build_run(config: TrainingConfig, *, callbacks: list[Any] | None = None) -> 
         use_cpu=not cuda,
         report_to=config.report_to,
         **_checkpointing_args(SFTConfig, config.gradient_checkpointing),
+        **_sampling_args(SFTConfig, config.group_by_length),
         max_length=config.max_length,
         completion_only_loss=True,  # the instruction is context; only the answer is learned
         dataloader_num_workers=0,
@@ -177,13 +178,34 @@ def build_run(config: TrainingConfig, *, callbacks: list[Any] | None = None) -> 
     return Run(trainer, data, fingerprint, speed, interrupt, device)
 
 
-def _checkpointing_args(args_class: type, enabled: bool) -> dict[str, Any]:
-    """Gradient checkpointing, under the name this transformers release uses (5.23 renamed it)."""
+def _field_names(args_class: Any) -> set[str]:
     import dataclasses
 
-    names = {f.name for f in dataclasses.fields(args_class)}
+    return {f.name for f in dataclasses.fields(args_class)}
+
+
+def _checkpointing_args(args_class: type, enabled: bool) -> dict[str, Any]:
+    """Gradient checkpointing, under the name this transformers release uses (5.23 renamed it)."""
+    names = _field_names(args_class)
     prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False}}
+
+
+def _sampling_args(args_class: type, group_by_length: bool) -> dict[str, Any]:
+    """Length-grouped batches, under the name this transformers release uses."""
+    if "train_sampling_strategy" in _field_names(args_class):
+        return {"train_sampling_strategy": "group_by_length" if group_by_length else "random"}
+    return {"group_by_length": group_by_length}
+
+
+def training_device(config: TrainingConfig) -> torch.device:
+    """This process's device: under `accelerate launch` each process trains on its own GPU."""
+    import os
+
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and config.device in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device(f"cuda:{int(local_rank)}")
+    return resolve_device(config.device)
 
 
 def train(config: TrainingConfig, *, resume: bool = False, callbacks: list[Any] | None = None) -> TrainResult:
