@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-dev chromium lint format migrate lock clean
+.PHONY: run test train install install-dev chromium lint format migrate lock clean
 
 run: $(VENV)/.installed
 	$(BIN)/python -m app serve
@@ -14,6 +14,11 @@ test: $(VENV)/.installed-dev chromium
 	$(BIN)/ruff check app training tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+# Fine-tune an adapter: make train CONFIG=training/configs/tiny-cpu.yaml [ARGS="--max_steps 50"]
+CONFIG ?= training/configs/tiny-cpu.yaml
+train: $(VENV)/.installed
+	$(BIN)/python -m training $(CONFIG) $(ARGS)
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
