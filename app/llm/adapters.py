@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,21 +99,27 @@ class ResidentAdapters:
             )
         return self.peft_model(**inputs, adapter_names=[key or BASE] * inputs["input_ids"].shape[0])
 
-    def probe(self, path: Path, prompt_ids: list[int]) -> float:
-        """Load the adapter at `path` aside, and measure how much it moves the next-token logits.
+    def probe(self, ref: AdapterRef, prompt_ids: list[int]) -> float:
+        """Measure how much the adapter moves the next-token logits, leaving it loaded for use.
 
         Returns the largest absolute change of the logits at the last prompt position; 0 means
-        the adapter applies to nothing (wrong module names, zero weights).
+        the adapter applies to nothing (wrong module names, zero weights). The adapter stays
+        resident (idle, most recently used) so the first request for it does not load it again;
+        when every slot is held by a running request it is unloaded after the probe instead.
         """
-        key = f"probe-{uuid.uuid4().hex[:8]}"
         ids = torch.tensor([prompt_ids], device=_device(self.base_model))
-        self._load(key, path)
-        try:
-            with_adapter = self.peft_model(input_ids=ids, adapter_names=[key], logits_to_keep=1).logits
-            without = self.peft_model(input_ids=ids, adapter_names=[BASE], logits_to_keep=1).logits
-            return float((with_adapter.float() - without.float()).abs().max())
-        finally:
-            self._unload(key)
+        newly_loaded = ref.key not in self._holders
+        if newly_loaded:
+            while len(self._holders) >= self.max_resident and (victim := self._evictable()) is not None:
+                self._unload(victim)
+                self.evictions += 1
+            self._load(ref.key, ref.path)
+            self._holders[ref.key] = 0
+        with_adapter = self.peft_model(input_ids=ids, adapter_names=[ref.key], logits_to_keep=1).logits
+        without = self.peft_model(input_ids=ids, adapter_names=[BASE], logits_to_keep=1).logits
+        if newly_loaded and len(self._holders) > self.max_resident:
+            self._unload(ref.key)
+        return float((with_adapter.float() - without.float()).abs().max())
 
     def _evictable(self) -> str | None:
         return next((key for key, holders in self._holders.items() if holders == 0), None)

@@ -29,7 +29,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -277,9 +276,12 @@ class GenerationEngine:
             self._cond.notify_all()
         return await done
 
-    async def probe_adapter(self, path: Path, prompt_ids: list[int]) -> float:
-        """How far the adapter at `path` moves the next-token logits of `prompt_ids` (0: it does nothing)."""
-        return await self.call(lambda: self.adapters.probe(path, prompt_ids))
+    async def probe_adapter(self, ref: AdapterRef, prompt_ids: list[int]) -> float:
+        """How far the adapter moves the next-token logits of `prompt_ids` (0: it does nothing).
+
+        The adapter stays loaded (when a slot is free) for the requests that follow.
+        """
+        return await self.call(lambda: self.adapters.probe(ref, prompt_ids))
 
     async def remove_adapter(self, key: str) -> None:
         """Unload an adapter version (at once if idle, else when the requests using it end)."""

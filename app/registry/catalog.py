@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 MISSING_FILES = "its files are missing from the adapter store; upload this version again"
 
 
+def content_key(sha256: str) -> str:
+    """The engine's name for an adapter: by content, so it is known before the version is registered,
+    equal in every process, and shared by versions with the same files."""
+    return f"adapter-{sha256[:16]}"
+
+
 class UnknownModel(LookupError):
     """No adapter (or base model) of that name is served here; the message says what is."""
 
@@ -46,8 +52,7 @@ class ServedVersion:
 
     @property
     def key(self) -> str:
-        # The engine's name for this version; equal in every process sharing the database.
-        return f"adapter-{self.version_id}"
+        return content_key(self.sha256)
 
     @property
     def label(self) -> str:

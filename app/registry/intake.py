@@ -1,4 +1,4 @@
-"""Take an adapter in: unpack, check, prove it changes the model, store it, register it.
+"""Take an adapter in: unpack, check, store it, prove it changes the model, register it.
 
 Every step can refuse the adapter with a message naming the problem (`AdapterRejected`); nothing
 is registered until every check passed, and a refused upload leaves nothing in the store.
@@ -12,12 +12,13 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.llm.adapters import AdapterRef
 from app.llm.engine import GenerationEngine
 from app.llm.prompts import format_alpaca_example
 from app.models import AdapterVersion, User
 from app.registry import service
 from app.registry.archive import AdapterRejected, ArchiveLimits, extract_adapter_archive
-from app.registry.catalog import Catalog
+from app.registry.catalog import Catalog, content_key
 from app.registry.inspect import BaseIdentity, inspect_adapter
 from app.registry.store import AdapterStore
 
@@ -68,23 +69,25 @@ async def publish_directory(
         base=intake.base,
         max_rank=intake.max_rank,
     )
-    probe = engine.model.tokenizer.encode(format_alpaca_example(PROBE_QUESTION), add_special_tokens=False)
-    change = await engine.probe_adapter(directory, probe)
-    if change < MIN_PROBE_CHANGE:
-        raise AdapterRejected(
-            "the adapter does not change the model's output (largest logit change "
-            f"{change:.2g} on a probe prompt): its LoRA B matrices are zero, as before training, "
-            "or its weights do not reach the layers it names"
-        )
     stored = await asyncio.to_thread(intake.store.commit, directory)
+    ref = AdapterRef(key=content_key(stored.sha256), path=stored.path, label=f"{name} (new)")
+    probe = engine.model.tokenizer.encode(format_alpaca_example(PROBE_QUESTION), add_special_tokens=False)
     try:
+        change = await engine.probe_adapter(ref, probe)
+        if change < MIN_PROBE_CHANGE:
+            raise AdapterRejected(
+                "the adapter does not change the model's output (largest logit change "
+                f"{change:.2g} on a probe prompt): its LoRA B matrices are zero, as before training, "
+                "or its weights do not reach the layers it names"
+            )
         version = await service.publish_version(
             db, name=name, facts=facts, stored=stored, source=source, notes=notes, actor=actor
         )
     except BaseException:
         await db.rollback()
-        if not await service.sha256_in_use(db, stored.sha256):
+        if not await service.sha256_in_use(db, stored.sha256):  # nothing else uses these files
             intake.store.remove(stored.sha256)
+            await engine.remove_adapter(ref.key)
         raise
     await intake.catalog.refresh()
     return version

@@ -111,16 +111,21 @@ async def test_removed_adapter_is_unloaded_after_its_last_request(model: LoadedM
         engine.shutdown()
 
 
-async def test_probe_tells_an_adapter_that_does_nothing(
+async def test_probe_tells_an_adapter_that_does_nothing_and_keeps_a_good_one_loaded(
     model: LoadedModel, adapters, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    engine = GenerationEngine(model)
+    engine = GenerationEngine(model, max_adapters=2)
     engine.start()
     try:
-        assert await engine.probe_adapter(adapters["finance"].path, prompt(model)) > 0.1
+        assert await engine.probe_adapter(adapters["finance"], prompt(model)) > 0.1
+        assert engine.adapters.resident == ["finance"]  # ready for the first request
+        loads = engine.adapters.loads
+        assert len(await run(engine, model, adapters["finance"])) > 0
+        assert engine.adapters.loads == loads  # ... which did not load it again
         inert = build_adapter(tiny_model_dir, tmp_path / "inert", scale=0.0)  # B = 0, as PEFT initialises it
-        assert await engine.probe_adapter(inert, prompt(model)) == 0.0
-        assert engine.adapters.resident == []  # probes leave nothing behind
+        assert await engine.probe_adapter(AdapterRef("inert", inert), prompt(model)) == 0.0
+        await engine.remove_adapter("inert")  # what the intake does with a refused upload
+        assert engine.adapters.resident == ["finance"]
     finally:
         engine.shutdown()
 

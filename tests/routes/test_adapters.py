@@ -50,7 +50,13 @@ def greedy_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 def archives(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("archives")
     built = {}
-    for label, seed, scale in (("one", 1, 0.5), ("two", 2, 0.5), ("three", 3, 0.5), ("inert", 4, 0.0)):
+    for label, seed, scale in (
+        ("one", 1, 0.5),
+        ("two", 2, 0.5),
+        ("three", 3, 0.5),
+        ("four", 5, 0.5),
+        ("inert", 4, 0.0),
+    ):
         directory = build_adapter(tiny_model_dir, root / label, seed=seed, scale=scale)
         built[label] = zip_directory(directory, root / f"{label}.zip")
     return built
@@ -151,7 +157,7 @@ def test_two_conversations_on_different_adapters_stream_at_once(
 def test_unknown_and_disabled_adapters_are_errors_never_the_base(
     greedy_server: LiveServer, admin: Admin, archives, client, member_factory
 ) -> None:
-    assert admin.upload("payroll", archives["three"]).status_code == 201
+    assert admin.upload("payroll", archives["four"]).status_code == 201  # files no other adapter shares
     member = member_factory(greedy_server)
     response = member.post("/c", data={"message": "hello", "adapter": "payroll"})
     conversation = response.headers["HX-Redirect"].rsplit("/", 1)[-1]
