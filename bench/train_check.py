@@ -27,8 +27,8 @@ with its 65,024-entry word-level tokenizer: "t<id>" words, end-of-text at id 11)
    and the time one finance-alpaca-sized epoch (68,900 records of this length spread) would take.
 
 With `--dp N` it instead measures data-parallel scaling of the project's trainer: B on one GPU, then
-B under `accelerate launch --num_processes N` (same per-GPU batch and accumulation, so the effective
-batch is N times larger), in the same run.
+B under `torchrun --nproc_per_node N` (one process a GPU, DDP; same per-GPU batch and accumulation,
+so the effective batch is N times larger), in the same run.
 
 Prints one JSON line per figure, writes $OUT/train_check.json (or /tmp), ends with a table.
 
@@ -60,12 +60,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.gpu_check import EOS_ID, VOCAB, Env, falcon_config, log, make_checkpoint, results  # noqa: E402
+from bench.gpu_check import EOS_ID, Env, falcon_config, log, make_checkpoint, results  # noqa: E402
 
 EPOCH_RECORDS = 68_900  # finance-alpaca
 FINANCE_YAML = ROOT / "training" / "configs" / "falcon-7b-finance.yaml"
 TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 WORK = Path("/tmp/train_check")
+SHOWN_SETTINGS = ("group_by_length", "gradient_checkpointing", "optimizer", "max_length", "batch_size",
+                  "gradient_accumulation_steps", "quantization", "lr_scheduler", "learning_rate")  # fmt: skip
 
 
 def out_dir() -> Path:
@@ -120,9 +122,9 @@ def make_data(tokenizer: Any, n: int, median: float, sigma: float, lo: int, hi: 
     floor = overhead + 3  # one instruction word, one answer word, end-of-text
     lengths, records, texts = [], [], []
     for _ in range(n):
-        target = int(round(min(hi, max(lo, rng.lognormvariate(math.log(median), sigma)))))
+        target = round(min(hi, max(lo, rng.lognormvariate(math.log(median), sigma))))
         total = max(target, floor)
-        prompt_tokens = max(overhead + 1, int(round(0.3 * total)))
+        prompt_tokens = max(overhead + 1, round(0.3 * total))
         answer_words = total - prompt_tokens - 1
         instruction = words(rng, prompt_tokens - overhead)
         output = words(rng, answer_words)
@@ -154,9 +156,7 @@ def make_data(tokenizer: Any, n: int, median: float, sigma: float, lo: int, hi: 
         "p99": q(0.99),
         "max": s[-1],
         "at_floor": sum(1 for x in lengths if x == floor),
-        "prompt_share": round(
-            sum(max(overhead + 1, int(round(0.3 * t))) for t in lengths) / sum(lengths), 3
-        ),
+        "prompt_share": round(sum(max(overhead + 1, round(0.3 * t)) for t in lengths) / sum(lengths), 3),
     }
 
 
@@ -367,7 +367,9 @@ def child_a(args: argparse.Namespace) -> dict[str, Any]:
         "sampler": str(getattr(sft, "train_sampling_strategy", getattr(sft, "group_by_length", None))),
         "gradient_checkpointing": bool(getattr(sft, "gradient_checkpointing", None)),
         "losses": [round(h["loss"], 4) for h in history if "loss" in h],
-        "trl_num_tokens_last": next((h.get("num_tokens") for h in reversed(history) if "num_tokens" in h), None),
+        "trl_num_tokens_last": next(
+            (h.get("num_tokens") for h in reversed(history) if "num_tokens" in h), None
+        ),
         **timer.report(),
     }
 
@@ -396,22 +398,30 @@ def child_b(args: argparse.Namespace) -> dict[str, Any]:
         config.device = "cpu"
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{rank}" if cuda else "cpu")
+    if rank > 0:
+        # training.trainer.train writes adapter/private_gpt.json on every process, but only the main
+        # process's save_model creates adapter/: without this, ranks > 0 fail after training.
+        (config.output_path / "adapter").mkdir(parents=True, exist_ok=True)
     timer = make_timer(cuda, device)
     t = time.perf_counter()
-    result = train(config, callbacks=[timer])
+    post_train_error = None
+    try:
+        result = train(config, callbacks=[timer])
+        metrics = {k: v for k, v in result.metrics.items() if k != "loss_curve"}
+        losses = [c[1] for c in result.metrics.get("loss_curve", [])]
+    except Exception as error:
+        if len(timer.steps) < args.steps:
+            raise
+        traceback.print_exc()  # training finished and was timed; what failed came after it
+        post_train_error, metrics, losses = repr(error)[:600], {}, []
     total_s = time.perf_counter() - t
-    metrics = {k: v for k, v in result.metrics.items() if k != "loss_curve"}
     return {
         "recipe": "B: project trainer (training.trainer.train, falcon-7b-finance.yaml)",
-        "config": {
-            k: v
-            for k, v in config.resolved().items()
-            if k in ("group_by_length", "gradient_checkpointing", "optimizer", "max_length", "batch_size",
-                     "gradient_accumulation_steps", "quantization", "lr_scheduler", "learning_rate")
-        },  # fmt: skip
+        "config": {k: v for k, v in config.resolved().items() if k in SHOWN_SETTINGS},
         "train_call_s": round(total_s, 1),
         "trainer_metrics": metrics,
-        "losses": [c[1] for c in result.metrics.get("loss_curve", [])],
+        "post_train_error": post_train_error,
+        "losses": losses,
         **timer.report(),
     }
 
@@ -446,8 +456,9 @@ def spawn(args: argparse.Namespace, kind: str, tag: str, *, nproc: int = 1, time
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(ROOT)]))
     if nproc > 1:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        # torchrun sets RANK / LOCAL_RANK / WORLD_SIZE as `accelerate launch` does; the trainer's
+        # accelerate state reads them (and it also runs with gloo on the CPU, so --tiny checks it).
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                str(Path(__file__).resolve()), *child]  # fmt: skip
     else:
         cmd = [sys.executable, str(Path(__file__).resolve()), *child]
@@ -476,6 +487,8 @@ def figures(body: dict[str, Any], warmup: int) -> dict[str, Any]:
         fig = summarise(steps, warmup, world=len(steps))
         peaks = [b.get("peak_alloc_bytes") for b in body["ranks"]]
         fig["peak_alloc_GiB"] = max(round(p / 2**30, 3) for p in peaks) if all(peaks) else None
+        reserved = [b.get("peak_reserved_bytes") for b in body["ranks"]]
+        fig["peak_reserved_GiB"] = max(round(p / 2**30, 3) for p in reserved) if all(reserved) else None
         fig["gpus"] = len(steps)
         return fig
     fig = summarise(body["steps"], warmup)
@@ -531,7 +544,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--accum", type=int, default=4)
-    parser.add_argument("--dp", type=int, default=0, help="measure B on 1 GPU and on N GPUs instead of A vs B")
+    parser.add_argument(
+        "--dp", type=int, default=0, help="measure B on 1 GPU and on N GPUs instead of A vs B"
+    )
     parser.add_argument("--only", choices=["A", "B"], help="run one recipe only")
     parser.add_argument("--child", choices=["A", "B"], help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -573,6 +588,14 @@ def main() -> int:
             "python": sys.version.split()[0],
         },
     )
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        dirty = subprocess.run(["git", "status", "--short"], cwd=ROOT, capture_output=True, text=True)
+        log("tree", {"commit": head.stdout.strip() or None, "modified": dirty.stdout.split("\n")[:30]})
+    except OSError:
+        log("tree", "no git here")
     log("settings", {"records": args.records, "steps": args.steps, "warmup": args.warmup,
                      "batch": args.batch, "accum": args.accum, "dp": args.dp})  # fmt: skip
     failed = False
@@ -616,6 +639,15 @@ def main() -> int:
             log(f"{key}.error", repr(error)[:400])
             continue
         log(f"{key}.figures", fig)
+        if args.warmup > 1:
+            # Length-grouped batches run longest to shortest within a mega-batch (transformers:
+            # min(records // (4 x batch x accumulation), 50) optimizer steps), so leaving out the
+            # first steps biases B's window towards short records. The window from step 2 covers
+            # almost a whole mega-batch at 2,000 records and 30 steps.
+            try:
+                log(f"{key}.figures_from_step2", figures(body, 1))
+            except Exception as error:
+                log(f"{key}.figures_from_step2_error", repr(error)[:200])
         rows[name] = fig
     ratio = None
     names = list(rows)
@@ -627,7 +659,10 @@ def main() -> int:
             if first.get("peak_alloc_GiB") and second.get("peak_alloc_GiB")
             else None
         )
-        summary = {"tokens_per_s_ratio": round(speed, 3), "peak_memory_ratio": None if mem is None else round(mem, 3)}
+        summary = {
+            "tokens_per_s_ratio": round(speed, 3),
+            "peak_memory_ratio": None if mem is None else round(mem, 3),
+        }
         if not args.dp:
             summary["goal_2x_no_more_memory"] = bool(speed >= 2 and (mem is None or mem <= 1.0))
         else:

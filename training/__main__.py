@@ -79,6 +79,8 @@ def _train(argv: list[str]) -> int:
         overrides += ["--publish", options["publish"]]
     config = load_config(path, overrides)
     result = train(config, resume="--resume" in switches)
+    if not result.metrics:
+        return 0  # another accelerate process than the one that reports
     print(f"adapter written to {result.adapter_dir}")
     for key, value in result.metrics.items():
         print(f"  {key}: {value}")

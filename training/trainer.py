@@ -160,6 +160,7 @@ def build_run(config: TrainingConfig, *, callbacks: list[Any] | None = None) -> 
         max_length=config.max_length,
         completion_only_loss=True,  # the instruction is context; only the answer is learned
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA weight is used in every step
     )
 
     def rows(examples: list[Any]) -> Any:
@@ -221,6 +222,10 @@ def train(config: TrainingConfig, *, resume: bool = False, callbacks: list[Any] 
         output = trainer.train(resume_from_checkpoint=_last_checkpoint(out) if resume else None)
     adapter_dir = out / "adapter"
     trainer.save_model(str(adapter_dir))
+    interrupted = run.interrupt.fired
+    if not trainer.is_world_process_zero():
+        # Under accelerate every process trains; one writes the results.
+        return TrainResult(adapter_dir=adapter_dir, metrics={}, interrupted=interrupted)
 
     history = trainer.state.log_history
     metrics = {
@@ -243,7 +248,7 @@ def train(config: TrainingConfig, *, resume: bool = False, callbacks: list[Any] 
     }, indent=1))  # fmt: skip
     write_manifest(out, config, run.data, metrics, run.fingerprint)
     plot_loss(history, out / "loss.png")
-    return TrainResult(adapter_dir=adapter_dir, metrics=metrics, interrupted=run.interrupt.fired)
+    return TrainResult(adapter_dir=adapter_dir, metrics=metrics, interrupted=interrupted)
 
 
 def _last_checkpoint(out: Path) -> str | None:
