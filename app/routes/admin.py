@@ -6,7 +6,9 @@ admin) is documented in the OpenAPI schema at /docs.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
@@ -34,12 +36,16 @@ async def upload(
 ) -> AdapterVersion:
     with services.store.incoming() as scratch:
         archive = scratch / "upload"
-        with archive.open("wb") as out:
-            shutil.copyfileobj(file.file, out, 1 << 20)
+        await asyncio.to_thread(_save_upload, file, archive)  # hundreds of MB: not on the event loop
         return await publish_archive(
             db, services.intake, archive=archive, filename=file.filename or "upload", name=name.strip(),
             notes=notes.strip(), actor=actor,
         )  # fmt: skip
+
+
+def _save_upload(file: UploadFile, target: Path) -> None:
+    with target.open("wb") as out:
+        shutil.copyfileobj(file.file, out, 1 << 20)
 
 
 async def act(
@@ -52,7 +58,7 @@ async def act(
     elif action == "delete":
         unused = await service.delete_version(db, name=name, version=version, actor=actor)
         if unused is not None:
-            services.store.remove(unused)
+            await asyncio.to_thread(services.store.remove, unused)
     else:
         raise HTTPException(404, f"unknown action {action!r}")
     await services.catalog.refresh()
