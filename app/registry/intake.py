@@ -86,7 +86,7 @@ async def publish_directory(
     except BaseException:
         await db.rollback()
         if not await service.sha256_in_use(db, stored.sha256):  # nothing else uses these files
-            intake.store.remove(stored.sha256)
+            await asyncio.to_thread(intake.store.remove, stored.sha256)
             await engine.remove_adapter(ref.key)
         raise
     await intake.catalog.refresh()
