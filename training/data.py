@@ -233,16 +233,22 @@ def _jsonl_records(path: Path, raw: bytes, bad: list[BadRecord]) -> Iterator[tup
             bad.append(BadRecord(source, f"invalid JSON: {error.msg} (column {error.colno})"))
 
 
-def _json_array_records(path: Path, raw: bytes, bad: list[BadRecord]) -> Iterator[tuple[str, Any]]:
+def _whole_file_text(path: Path, raw: bytes, encoding: str = "utf-8") -> str:
+    """Decode a file that is parsed as a whole; bad UTF-8 is reported with its line."""
     try:
-        text = raw.decode("utf-8")
+        return raw.decode(encoding)
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
         raise DataError(
             f"{path}:{line}: invalid UTF-8 at byte {error.start}; the whole file must be UTF-8"
         ) from None
+
+
+def _json_array_records(path: Path, raw: bytes, bad: list[BadRecord]) -> Iterator[tuple[str, Any]]:
+    text = _whole_file_text(path, raw)
     decoder = json.JSONDecoder()
     index = text.index("[") + 1
+    line, counted = 1, 0  # line numbers are counted as we go: finance-alpaca is one 40 MB array
     while True:
         while index < len(text) and text[index] in " \t\r\n,":
             index += 1
@@ -250,7 +256,8 @@ def _json_array_records(path: Path, raw: bytes, bad: list[BadRecord]) -> Iterato
             raise DataError(f"{path}: the JSON array is not closed")
         if text[index] == "]":
             return
-        line = text.count("\n", 0, index) + 1
+        line += text.count("\n", counted, index)
+        counted = index
         try:
             record, index = decoder.raw_decode(text, index)
         except json.JSONDecodeError as error:
@@ -259,13 +266,7 @@ def _json_array_records(path: Path, raw: bytes, bad: list[BadRecord]) -> Iterato
 
 
 def _csv_records(path: Path, raw: bytes, bad: list[BadRecord]) -> Iterator[tuple[str, Any]]:
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}:{line}: invalid UTF-8 at byte {error.start}; the whole file must be UTF-8"
-        ) from None
+    text = _whole_file_text(path, raw, "utf-8-sig")
     reader = csv.DictReader(io.StringIO(text, newline=""))
     missing = {"instruction", "output"} - set(reader.fieldnames or [])
     if missing:
