@@ -54,6 +54,20 @@ def log(key: str, value: Any) -> None:
     print(json.dumps({key: value}), flush=True)
 
 
+def log_tree(root: Path) -> None:
+    """Record which commit (and which local changes) a run measured."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        )
+        dirty = subprocess.run(["git", "status", "--short"], cwd=root, capture_output=True, text=True)
+        log("tree", {"commit": head.stdout.strip() or None, "modified": dirty.stdout.split("\n")[:30]})
+    except OSError:
+        log("tree", "no git here")
+
+
 def gib(n: int | float) -> float:
     return round(n / 2**30, 3)
 

@@ -60,7 +60,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.gpu_check import EOS_ID, Env, falcon_config, log, make_checkpoint, results  # noqa: E402
+from bench.gpu_check import EOS_ID, Env, falcon_config, log, log_tree, make_checkpoint, results  # noqa: E402
 
 EPOCH_RECORDS = 68_900  # finance-alpaca
 FINANCE_YAML = ROOT / "training" / "configs" / "falcon-7b-finance.yaml"
@@ -588,14 +588,7 @@ def main() -> int:
             "python": sys.version.split()[0],
         },
     )
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        dirty = subprocess.run(["git", "status", "--short"], cwd=ROOT, capture_output=True, text=True)
-        log("tree", {"commit": head.stdout.strip() or None, "modified": dirty.stdout.split("\n")[:30]})
-    except OSError:
-        log("tree", "no git here")
+    log_tree(ROOT)
     log("settings", {"records": args.records, "steps": args.steps, "warmup": args.warmup,
                      "batch": args.batch, "accum": args.accum, "dp": args.dp})  # fmt: skip
     failed = False

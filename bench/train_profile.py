@@ -49,7 +49,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -62,7 +61,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.gpu_check import Env, log, results  # noqa: E402
+from bench.gpu_check import Env, log, log_tree, results  # noqa: E402
 from bench.train_check import FINANCE_YAML, ensure_checkpoint, make_data  # noqa: E402
 
 WORK = Path("/tmp/train_profile")
@@ -741,14 +740,7 @@ def main() -> int:
         "bitsandbytes": bitsandbytes.__version__,
         "python": sys.version.split()[0],
     })  # fmt: skip
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        dirty = subprocess.run(["git", "status", "--short"], cwd=ROOT, capture_output=True, text=True)
-        log("tree", {"commit": head.stdout.strip() or None, "modified": dirty.stdout.split("\n")[:30]})
-    except OSError:
-        log("tree", "no git here")
+    log_tree(ROOT)
     log("settings", {"records": args.records, "steps": args.steps, "warmup": args.warmup, "windows": windows,
                      "batch": args.batch, "accum": args.accum, "budget_s": args.budget_s})  # fmt: skip
 

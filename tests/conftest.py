@@ -73,7 +73,7 @@ def new_postgres_database() -> Iterator[str]:
     """A fresh, empty PostgreSQL database, dropped afterwards; skips the test where none runs."""
     problem = _postgres_reachable()
     if problem:
-        pytest.skip(problem)
+        pytest.skip(reason=problem)
     import psycopg
 
     name = f"pgpt_test_{uuid.uuid4().hex[:10]}"

@@ -29,7 +29,8 @@ CHROMIUM_FLAGS = [
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"Chromium not found at {CHROMIUM}; `make test` installs Debian's chromium package")
+        missing = f"Chromium not found at {CHROMIUM}; `make test` installs Debian's chromium package"
+        pytest.skip(reason=missing)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
         yield browser

@@ -115,7 +115,7 @@ def test_archives_made_by_the_usual_tools_are_accepted(
     command: list[str], materials: Materials, tiny_model: LoadedModel, base: BaseIdentity, tmp_path: Path
 ) -> None:
     if shutil.which(command[0]) is None:
-        pytest.skip(f"{command[0]} is not installed")
+        pytest.skip(reason=f"{command[0]} is not installed")
     adapter = materials.adapter
     values = {
         "out": str(tmp_path),
