@@ -42,6 +42,7 @@ Needs torch, transformers, peft, bitsandbytes, trl, datasets (+ dill, multiproce
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -67,7 +68,9 @@ FINANCE_YAML = ROOT / "training" / "configs" / "falcon-7b-finance.yaml"
 TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 WORK = Path("/tmp/train_check")
 SHOWN_SETTINGS = ("group_by_length", "gradient_checkpointing", "optimizer", "max_length", "batch_size",
-                  "gradient_accumulation_steps", "quantization", "lr_scheduler", "learning_rate")  # fmt: skip
+                  "gradient_accumulation_steps", "micro_batch_tokens", "quantization", "lr_scheduler",
+                  "learning_rate")  # fmt: skip
+PLAIN_ATTENTION = "--plain-attention"  # a variant's flag: B without app.llm.attention's fused kernels
 
 
 def out_dir() -> Path:
@@ -389,10 +392,16 @@ def child_b(args: argparse.Namespace) -> dict[str, Any]:
         "--report_to", "[]",
         "--logging_steps", "1",
         "--output_dir", str(WORK / f"train-b-{os.environ.get('LOCAL_RANK', 'x')}-{args.tag}"),
-        "--batch_size", str(args.batch),
-        "--gradient_accumulation_steps", str(args.accum),
     ]  # fmt: skip
-    config = load_config(FINANCE_YAML, overrides)
+    extra = json.loads(args.overrides or "[]")
+    plain_attention = PLAIN_ATTENTION in extra
+    if plain_attention:
+        # Measure what the fused multi-query attention gives: the trainer without it.
+        import training.trainer
+
+        extra.remove(PLAIN_ATTENTION)
+        training.trainer.multi_query_attention = contextlib.nullcontext  # type: ignore[assignment]
+    config = load_config(FINANCE_YAML, overrides + extra)
     cuda = torch.cuda.is_available() and not args.tiny
     if not cuda:
         config.device = "cpu"
@@ -417,6 +426,7 @@ def child_b(args: argparse.Namespace) -> dict[str, Any]:
     total_s = time.perf_counter() - t
     return {
         "recipe": "B: project trainer (training.trainer.train, falcon-7b-finance.yaml)",
+        "overrides": extra + ([PLAIN_ATTENTION] if plain_attention else []),
         "config": {k: v for k, v in config.resolved().items() if k in SHOWN_SETTINGS},
         "train_call_s": round(total_s, 1),
         "trainer_metrics": metrics,
@@ -442,16 +452,101 @@ def run_child(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# attention kernels on Falcon-7B's shapes
+
+
+def attention_check(rows: int = 4, length: int = 1000, heads: int = 71, dim: int = 64) -> dict[str, Any]:
+    """Forward + backward of one layer's attention as Falcon calls it (one key head, padded mask): as
+    called (torch picks), inside app.llm.attention's block (as training runs it), and with the keys
+    expanded and each kernel forced (a kernel that cannot take the call raises; that is reported)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from app.llm.attention import multi_query_attention
+
+    device = torch.device("cuda:0")
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(rows, heads, length, dim, device=device, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(rows, 1, length, dim, device=device, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(rows, 1, length, dim, device=device, dtype=torch.bfloat16, generator=gen)
+    real = torch.tensor([length - 37 * i for i in range(rows)], device=device)
+    keys_ok = torch.arange(length, device=device)[None, :] < real[:, None]
+    mask = torch.ones(length, length, device=device, dtype=torch.bool).tril()[None] & keys_ok[:, None, :]
+    mask = mask[:, None]  # (rows, 1, L, L) as transformers builds it for sdpa
+    real_rows = keys_ok[:, None, :, None].expand(rows, heads, length, dim)
+
+    def run(label: str, backend: Any) -> tuple[float, float, torch.Tensor]:
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        times, peak = [], 0.0
+        for _ in range(6):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            start = time.perf_counter()
+            query, key, value = leaves
+            if label == "block":  # as training runs it: app.llm.attention picks the kernel
+                with multi_query_attention():
+                    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+            elif backend is None:  # as Falcon calls it: torch picks
+                out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+            else:
+                with sdpa_kernel(backend):
+                    key, value = key.expand(-1, heads, -1, -1), value.expand(-1, heads, -1, -1)
+                    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+            out.float().square().mean().backward()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+            for t in leaves:
+                t.grad = None
+        return statistics.median(times[1:]) * 1000, peak, out.detach()
+
+    result: dict[str, Any] = {
+        "shape": f"{rows} x {heads} heads x {length} (key/value 1 head), bf16, padded causal mask"
+    }
+    reference = None
+    for label, backend in [
+        ("as_called", None),
+        ("block", None),
+        ("expanded_efficient", SDPBackend.EFFICIENT_ATTENTION),
+        ("expanded_cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("expanded_math", SDPBackend.MATH),
+    ]:
+        try:
+            ms, gib, out = run(label, backend)
+        except Exception as error:  # the forced kernel refused the call
+            result[label] = {"error": repr(error)[:300]}
+            continue
+        if reference is None:
+            reference = out
+        result[label] = {
+            "fwd_bwd_ms": round(ms, 2),
+            "peak_extra_GiB": round(gib, 3),
+            "max_abs_difference": float((out - reference).abs()[real_rows].max()),
+        }
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
 # orchestration
 
 
-def spawn(args: argparse.Namespace, kind: str, tag: str, *, nproc: int = 1, timeout: float = 900) -> dict:
+def spawn(
+    args: argparse.Namespace,
+    kind: str,
+    tag: str,
+    *,
+    nproc: int = 1,
+    overrides: list[str] | None = None,
+    timeout: float = 900,
+) -> dict:
     result = WORK / f"result-{tag}.json"
     for old in WORK.glob(f"result-{tag}.json*"):
         old.unlink()
     child = [
         "--child", kind, "--ckpt", args.ckpt, "--data", str(args.data), "--steps", str(args.steps),
         "--batch", str(args.batch), "--accum", str(args.accum), "--result", str(result), "--tag", tag,
+        "--overrides", json.dumps(overrides or []),
     ] + (["--tiny"] if args.tiny else [])  # fmt: skip
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(ROOT)]))
@@ -542,8 +637,16 @@ def main() -> int:
     parser.add_argument("--records", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--warmup", type=int)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--accum", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4, help="A's batch (B takes the yaml's)")
+    parser.add_argument("--accum", type=int, default=4, help="A's gradient accumulation")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDES",
+        help="also run B with these config overrides, e.g. 'tok8k=--micro_batch_tokens 8192'; "
+        f"{PLAIN_ATTENTION} runs it without the fused multi-query attention",
+    )
     parser.add_argument(
         "--dp", type=int, default=0, help="measure B on 1 GPU and on N GPUs instead of A vs B"
     )
@@ -553,6 +656,7 @@ def main() -> int:
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--tag", default="x", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return run_child(args)
@@ -609,18 +713,23 @@ def main() -> int:
         traceback.print_exc()
         return 1
 
+    if env.cuda:
+        log("attention", attention_check())
+    runs: list[tuple[str, str, str, int, list[str]]]
     if args.dp:
-        runs = [("B 1 GPU", "B", "b1", 1), (f"B {args.dp} GPUs", "B", f"b{args.dp}", args.dp)]
+        runs = [("B 1 GPU", "B", "b1", 1, []), (f"B {args.dp} GPUs", "B", f"b{args.dp}", args.dp, [])]
     else:
-        runs = [("A plain", "A", "a", 1), ("B project", "B", "b", 1)]
+        runs = [("A plain", "A", "a", 1, []), ("B project", "B", "b", 1, [])]
+        for number, variant in enumerate(args.variant):
+            label, _, overrides = variant.partition("=")
+            runs.append((f"B {label}", "B", f"v{number}", 1, overrides.split()))
         if args.only:
             runs = [r for r in runs if r[1] == args.only]
     rows: dict[str, dict[str, Any]] = {}
-    for name, kind, tag, nproc in runs:
-        body = spawn(args, kind, tag, nproc=nproc)
+    for name, kind, tag, nproc, overrides in runs:
+        body = spawn(args, kind, tag, nproc=nproc, overrides=overrides)
         key = tag
-        raw = {k: v for k, v in body.items()}
-        log(f"{key}.raw", raw)
+        log(f"{key}.raw", dict(body))
         if body.get("error"):
             failed = True
             log(f"{key}.error", body["error"])
@@ -642,17 +751,18 @@ def main() -> int:
             except Exception as error:
                 log(f"{key}.figures_from_step2_error", repr(error)[:200])
         rows[name] = fig
-    ratio = None
+    ratios = []
     names = list(rows)
-    if len(names) == 2:
-        first, second = rows[names[0]], rows[names[1]]
-        speed = second["real_tokens_per_s"] / first["real_tokens_per_s"]
+    for name in names[1:]:
+        first, other = rows[names[0]], rows[name]
+        speed = other["real_tokens_per_s"] / first["real_tokens_per_s"]
         mem = (
-            second["peak_alloc_GiB"] / first["peak_alloc_GiB"]
-            if first.get("peak_alloc_GiB") and second.get("peak_alloc_GiB")
+            other["peak_alloc_GiB"] / first["peak_alloc_GiB"]
+            if first.get("peak_alloc_GiB") and other.get("peak_alloc_GiB")
             else None
         )
-        summary = {
+        summary: dict[str, Any] = {
+            "run": name,
             "tokens_per_s_ratio": round(speed, 3),
             "peak_memory_ratio": None if mem is None else round(mem, 3),
         }
@@ -661,9 +771,10 @@ def main() -> int:
         else:
             summary["scaling_efficiency"] = round(speed / args.dp, 3)
         log("compare", summary)
-        ratio = f"\n{names[1]} / {names[0]}: real tokens/s x{speed:.2f}" + (
-            f", peak memory x{mem:.2f}" if mem else ""
+        ratios.append(
+            f"{name} / {names[0]}: real tokens/s x{speed:.2f}" + (f", peak memory x{mem:.2f}" if mem else "")
         )
+    ratio = "\n" + "\n".join(ratios) if ratios else None
     log("total_wall_s", round(time.perf_counter() - started, 1))
     path = out_dir() / "train_check.json"
     path.write_text(json.dumps(results, indent=1, default=str))

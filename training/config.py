@@ -55,6 +55,11 @@ class TrainingConfig:
     max_length: int = 1024  # tokens; longer records are bad records (reported, never silently cut)
     batch_size: int = 4  # per device
     gradient_accumulation_steps: int = 4  # effective batch = batch_size x this x devices
+    # Run each batch as forward/backward passes of at most this many padded tokens (rows x longest
+    # row), as few as fit: the same gradient as one pass, with memory bounded by the budget. Each pass
+    # has a fixed cost on a GPU, so a large batch with a token budget beats small fixed micro-batches
+    # with accumulation (training/batching.py). None: one pass per batch.
+    micro_batch_tokens: int | None = None
     learning_rate: float = 2e-4
     lr_scheduler: str = "constant"  # any transformers scheduler name
     warmup_ratio: float = 0.03
@@ -193,6 +198,11 @@ def _check(config: TrainingConfig) -> None:
     ):
         if getattr(config, name) < 1:
             problems.append(f"{name} must be at least 1")
+    if config.micro_batch_tokens is not None and config.micro_batch_tokens < config.max_length:
+        problems.append(
+            f"micro_batch_tokens ({config.micro_batch_tokens}) must be at least max_length"
+            f" ({config.max_length}), so that the longest record fits in one pass"
+        )
     if config.lora.r < 1:
         problems.append("lora.r must be at least 1")
     if not 0 <= config.lora.dropout < 1:
