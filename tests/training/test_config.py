@@ -34,6 +34,15 @@ def test_the_shipped_recipes_load() -> None:
         assert load_config(recipe).base_model, recipe
 
 
+def test_the_documented_multi_gpu_launch_config_is_one_accelerate_reads() -> None:
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    config = ClusterConfig.from_yaml_file("training/configs/accelerate/multi-gpu.yaml")
+    assert config.distributed_type == DistributedType.MULTI_GPU and config.num_machines == 1
+    assert config.num_processes >= 2 and config.mixed_precision == "bf16" and not config.use_cpu
+
+
 @pytest.mark.parametrize(
     ("text", "overrides", "message"),
     [
