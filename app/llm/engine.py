@@ -35,6 +35,7 @@ import torch
 
 from app.llm.adapters import AdapterRef, AdapterUnavailable, ResidentAdapters
 from app.llm.loader import LoadedModel
+from app.llm.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ class _Sequence:
         self.generator.manual_seed(self.params.seed if self.params.seed is not None else secrets.randbits(63))
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
+        self.last_token_at = 0.0
         self.adapter_key: str | None = None  # set once the engine holds the adapter for this sequence
 
     def result(self, reason: FinishReason, error: str | None = None) -> GenerationResult:
@@ -213,9 +215,16 @@ class _Sequence:
 
 class GenerationEngine:
     def __init__(
-        self, model: LoadedModel, *, max_running: int = 4, max_queued: int = 32, max_adapters: int = 8
+        self,
+        model: LoadedModel,
+        *,
+        max_running: int = 4,
+        max_queued: int = 32,
+        max_adapters: int = 8,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         self.model = model
+        self.metrics = metrics or EngineMetrics()
         self.max_running = max_running
         self.max_queued = max_queued
         self.adapters = ResidentAdapters(model.model, max_resident=max_adapters)
@@ -298,8 +307,10 @@ class GenerationEngine:
         stream = GenerationStream(self, request)
         with self._cond:
             if len(self._waiting) + len(self._running) >= self.max_running + self.max_queued:
+                self.metrics.request_rejected("overloaded")
                 raise EngineOverloaded(self._retry_after())
             self._waiting.append(_Sequence(stream, self.model))
+            self.metrics.request_queued(len(self._waiting))
             self._cond.notify_all()
         return stream
 
@@ -400,7 +411,12 @@ class GenerationEngine:
         )
         token = sample_token(out.logits[0, -1], seq.params, seq.generator)
         if seq.first_token_at is None:
-            seq.first_token_at = time.perf_counter()
+            seq.first_token_at = seq.last_token_at = time.perf_counter()
+            self.metrics.first_token(seq.first_token_at - seq.started, seq.prompt_len)
+        else:
+            now = time.perf_counter()
+            self.metrics.inter_token(now - seq.last_token_at)
+            seq.last_token_at = now
         if token in loaded.eos_token_ids:
             self._finish(seq, "stop")
             return
@@ -426,6 +442,9 @@ class GenerationEngine:
                 seq.stream._deliver(TextDelta(tail, seq.generated))
         result = seq.result(reason, error)
         self._recent_durations.append(result.duration_s)
+        self.metrics.request_finished(
+            reason, result.prompt_tokens, result.completion_tokens, result.duration_s
+        )
         seq.cache = None  # free the KV cache now, not when the caller lets go of the stream
         if seq.adapter_key is not None:
             self.adapters.release(seq.adapter_key)
