@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,16 +89,16 @@ class ResidentAdapters:
         else:
             self._doomed.add(key)
 
-    def forward(self, key: str | None, **inputs: Any) -> Any:
-        """One forward pass of the model with adapter `key` (None: the bare base) for every row."""
-        if self.peft_model is None or (key is None and not self._holders):
+    def forward(self, keys: Sequence[str | None], **inputs: Any) -> Any:
+        """One forward pass, row i with adapter `keys[i]` (None: the bare base), in one batch."""
+        if self.peft_model is None or (not self._holders and not any(keys)):
             # No adapter is loaded: the base model's own modules, with nothing added.
             return (
                 self.peft_model.get_base_model()(**inputs)
                 if self.peft_model is not None
                 else self.base_model(**inputs)
             )
-        return self.peft_model(**inputs, adapter_names=[key or BASE] * inputs["input_ids"].shape[0])
+        return self.peft_model(**inputs, adapter_names=[key or BASE for key in keys])
 
     def probe(self, ref: AdapterRef, prompt_ids: list[int]) -> float:
         """Measure how much the adapter moves the next-token logits, leaving it loaded for use.

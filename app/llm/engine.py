@@ -5,11 +5,16 @@ two requests touch the model at once. Callers on the event loop `submit()` a
 `GenerationRequest` and iterate the returned `GenerationStream` for `TextDelta`s; the stream
 ends with a `GenerationResult`. `cancel()` on a stream takes effect before the next token.
 
-Scheduling today: up to `max_running` sequences decode in turns, one token each per round, so
-every user sees progress; further requests wait in a bounded FIFO queue, and past that
-`submit()` raises `EngineOverloaded` at once (the API turns it into 429 + Retry-After).
-The interface is what continuous batching and per-request adapters will plug into: they change
-how `_step_all` runs a round, not how callers talk to the engine.
+Scheduling is continuous batching: every round, up to `prefill_chunk` prompt tokens of newly
+admitted requests go through the model (a long prompt takes several rounds, so it never stalls the
+others' streams for its whole prefill), then one forward pass advances every decoding sequence by
+one token, each row with its own adapter (PEFT's `adapter_names=`; rows without one use the bare
+base). A sequence joins the batch when its prompt is done and leaves it the moment it finishes
+(app/llm/batch.py keeps the rows' KV caches side by side). Up to `max_running` sequences are
+admitted, within `max_batch_tokens` of KV cache; further requests wait in a bounded FIFO queue,
+and past that `submit()` raises `EngineOverloaded` at once (the API turns it into 429 +
+Retry-After). A request that fails fails alone: in its prefill, or, when a batched step runs out
+of memory, the newest sequence ends and the others go on.
 
 Text comes out UTF-8-safe (a character split across tokens is held back until complete), and
 stop sequences are held back until they can be ruled out, so no stop text is ever streamed.
@@ -34,6 +39,7 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from app.llm.adapters import AdapterRef, AdapterUnavailable, ResidentAdapters
+from app.llm.batch import DecodeBatch
 from app.llm.loader import LoadedModel
 from app.llm.metrics import EngineMetrics
 
@@ -187,10 +193,13 @@ class _Sequence:
         self.stream = stream
         request = stream.request
         self.params = request.sampling
-        self.prompt_len = len(request.prompt_ids)
-        self.pending: list[int] = list(request.prompt_ids)  # tokens still to feed the model
-        self.cache: Any = None
+        self.prompt = list(request.prompt_ids)
+        self.prompt_len = len(self.prompt)
+        self.fed = 0  # prompt tokens that went through the model so far (prefill may take rounds)
+        self.cache: Any = None  # its own KV cache while prefilling; then a row of the decode batch
+        self.next_token = -1  # sampled and streamed, to be fed at the next decoding step
         self.generated = 0
+        self.done = False
         self.detokenizer = IncrementalDetokenizer(model.tokenizer, request.prompt_ids)
         self.stops = StopMatcher(self.params.stop)
         self.hit_stop_sequence = False
@@ -200,6 +209,11 @@ class _Sequence:
         self.first_token_at: float | None = None
         self.last_token_at = 0.0
         self.adapter_key: str | None = None  # set once the engine holds the adapter for this sequence
+
+    @property
+    def reserved_tokens(self) -> int:
+        """The most KV cache this sequence can come to need."""
+        return self.prompt_len + self.params.max_tokens
 
     def result(self, reason: FinishReason, error: str | None = None) -> GenerationResult:
         now = time.perf_counter()
@@ -221,16 +235,25 @@ class GenerationEngine:
         max_running: int = 4,
         max_queued: int = 32,
         max_adapters: int = 8,
+        max_batch_tokens: int | None = None,
+        prefill_chunk: int = 512,
         metrics: EngineMetrics | None = None,
     ) -> None:
         self.model = model
         self.metrics = metrics or EngineMetrics()
         self.max_running = max_running
         self.max_queued = max_queued
+        # KV memory bound: the prompt + max_tokens of every admitted sequence, summed (None: no bound).
+        self.max_batch_tokens = max_batch_tokens
+        # Prompt tokens prefilled per round: a long prompt joins over several rounds while everyone
+        # else's streams keep decoding, instead of stalling them for its whole prefill.
+        self.prefill_chunk = prefill_chunk
         self.adapters = ResidentAdapters(model.model, max_resident=max_adapters)
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._running: list[_Sequence] = []
+        self._running: list[_Sequence] = []  # admitted: prefilling or in the decode batch
+        self._prefilling: collections.deque[_Sequence] = collections.deque()
+        self._batch = DecodeBatch(model.device)
         self._calls: list[Callable[[], None]] = []  # work for the worker thread between rounds
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -304,6 +327,8 @@ class GenerationEngine:
             raise EngineNotRunning("the generation engine is not running")
         if request.sampling.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
+        if not request.prompt_ids:
+            raise ValueError("the prompt is empty")
         stream = GenerationStream(self, request)
         with self._cond:
             if len(self._waiting) + len(self._running) >= self.max_running + self.max_queued:
@@ -346,7 +371,7 @@ class GenerationEngine:
                     call()
                 self._admit()
                 if self._running:
-                    self._step_all()
+                    self._round()
                 else:
                     # Requests are waiting for adapter slots that nothing running holds: should not
                     # happen, but never spin on it.
@@ -357,18 +382,28 @@ class GenerationEngine:
                 seq.stream._deliver(seq.result("cancelled", "the server is shutting down"))
             self._running.clear()
             self._waiting.clear()
+            self._prefilling.clear()
+            self._batch.keep([])
 
     def _admit(self) -> None:
         """Move waiting requests into free running slots, in order, holding their adapters.
 
-        A request whose adapter cannot be made resident now (every slot held) keeps its place in
-        the queue and is looked at again next round; those behind it may go ahead.
+        A request whose adapter cannot be made resident now (every slot held), or whose KV cache
+        would not fit beside the running ones, keeps its place in the queue and is looked at again
+        next round; those behind it may go ahead.
         """
         with self._cond:
             candidates = list(self._waiting)
+        reserved = sum(seq.reserved_tokens for seq in self._running)
         for seq in candidates:
             if len(self._running) >= self.max_running:
                 return
+            if (
+                self.max_batch_tokens is not None
+                and self._running
+                and reserved + seq.reserved_tokens > self.max_batch_tokens
+            ):
+                continue
             ref = seq.stream.request.adapter
             if ref is not None and not self.adapters.can_hold(ref.key):
                 continue
@@ -377,6 +412,8 @@ class GenerationEngine:
                     continue
                 self._waiting.remove(seq)
                 self._running.append(seq)
+            reserved += seq.reserved_tokens
+            self._prefilling.append(seq)
             if ref is not None:
                 try:
                     self.adapters.acquire(ref)
@@ -384,57 +421,124 @@ class GenerationEngine:
                 except AdapterUnavailable as error:
                     self._finish(seq, "error", str(error))
 
-    def _step_all(self) -> None:
-        """One round: every running sequence advances by one token (the first round prefills)."""
-        for seq in list(self._running):
-            if seq.stream.cancelled.is_set():
+    def _round(self) -> None:
+        """Prefill up to `prefill_chunk` prompt tokens, then advance every decoding sequence by one."""
+        for seq in [*self._prefilling, *self._batch.rows]:
+            if seq.stream.cancelled.is_set() and not seq.done:
                 self._finish(seq, "cancelled")
+        self._prefill()
+        if len(self._batch):
+            self._decode()
+        self._batch.keep([i for i, seq in enumerate(self._batch.rows) if not seq.done])
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        while self._prefilling and budget > 0:
+            seq = self._prefilling[0]
+            if seq.done:
+                self._prefilling.popleft()
                 continue
+            chunk = seq.prompt[seq.fed : seq.fed + budget]
+            started = time.perf_counter()
             try:
-                self._step(seq)
+                if seq.cache is None:
+                    from transformers import DynamicCache
+
+                    seq.cache = DynamicCache(config=self.model.model.config)
+                out = self.adapters.forward(
+                    [seq.adapter_key],
+                    input_ids=torch.tensor([chunk], device=self.model.device),
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self._cache_kwarg: seq.cache},
+                )
+                seq.fed += len(chunk)
+                budget -= len(chunk)
+                self.metrics.prefill(len(chunk), time.perf_counter() - started)
+                if seq.fed < seq.prompt_len:
+                    return  # the rest of this prompt in the next rounds
+                self._prefilling.popleft()
+                token = sample_token(out.logits[0, -1], seq.params, seq.generator)
             except Exception as error:  # one request's failure must not take down the others
-                log.exception("generation %s failed", seq.stream.request.request_id)
-                if isinstance(error, torch.OutOfMemoryError):
-                    torch.cuda.empty_cache()
-                self._finish(seq, "error", f"{type(error).__name__}: {error}")
+                self._fail(seq, error)
+                continue
+            if self._accept(seq, token):
+                seq.next_token = token
+                self._batch.add(seq, seq.cache, seq.prompt_len)
+                seq.cache = None
 
-    def _step(self, seq: _Sequence) -> None:
+    def _decode(self) -> None:
+        """One forward pass for the whole batch; each row samples its next token."""
+        rows = self._batch.rows
+        length = self._batch.length
+        started = time.perf_counter()
+        try:
+            out = self.adapters.forward(
+                [seq.adapter_key for seq in rows],
+                **self._batch.step_inputs([seq.next_token for seq in rows]),
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kwarg: self._batch.cache},
+            )
+        except Exception as error:
+            self._batch.truncate(length)  # layers that ran before the failure grew by a token
+            if isinstance(error, torch.OutOfMemoryError) and len(rows) > 1:
+                # Make room by ending the newest sequence alone; the others retry next round.
+                self._fail(rows[-1], error)
+            else:
+                for seq in rows:
+                    self._fail(seq, error)
+            return
+        self._batch.advance()
+        logits = out.logits[:, -1]
+        greedy = logits.argmax(dim=-1).tolist()  # one device sync for every greedy row
+        for row, seq in enumerate(rows):
+            sampled = seq.params.temperature > 0
+            token = sample_token(logits[row], seq.params, seq.generator) if sampled else greedy[row]
+            if not seq.done and self._accept(seq, token):
+                seq.next_token = token
+        with self._cond:
+            waiting = len(self._waiting)
+        self.metrics.step(len(rows), waiting, len(rows), time.perf_counter() - started)
+
+    def _accept(self, seq: _Sequence, token: int) -> bool:
+        """Stream a sampled token; False when it ended the sequence."""
         loaded = self.model
-        if seq.cache is None:
-            from transformers import DynamicCache
-
-            seq.cache = DynamicCache(config=loaded.model.config)
-        inputs = torch.tensor([seq.pending], device=loaded.device)
-        cache = {self._cache_kwarg: seq.cache}
-        out = self.adapters.forward(
-            seq.adapter_key, input_ids=inputs, use_cache=True, logits_to_keep=1, **cache
-        )
-        token = sample_token(out.logits[0, -1], seq.params, seq.generator)
+        now = time.perf_counter()
         if seq.first_token_at is None:
-            seq.first_token_at = seq.last_token_at = time.perf_counter()
-            self.metrics.first_token(seq.first_token_at - seq.started, seq.prompt_len)
+            seq.first_token_at = now
+            self.metrics.first_token(now - seq.started, seq.prompt_len)
         else:
-            now = time.perf_counter()
             self.metrics.inter_token(now - seq.last_token_at)
-            seq.last_token_at = now
+        seq.last_token_at = now
         if token in loaded.eos_token_ids:
             self._finish(seq, "stop")
-            return
+            return False
         seq.generated += 1
-        seq.pending = [token]
         text, hit_stop = seq.stops.push(seq.detokenizer.push(token))
         if text and not seq.stream._deliver(TextDelta(text, seq.generated)):
             self._finish(seq, "cancelled")
-            return
+            return False
         if hit_stop:
             seq.hit_stop_sequence = True
             self._finish(seq, "stop")
-        elif (
-            seq.generated >= seq.params.max_tokens or seq.prompt_len + seq.generated >= loaded.context_window
-        ):
+            return False
+        if seq.generated >= seq.params.max_tokens or seq.prompt_len + seq.generated >= loaded.context_window:
             self._finish(seq, "length")
+            return False
+        return True
+
+    def _fail(self, seq: _Sequence, error: BaseException) -> None:
+        log.error("generation %s failed", seq.stream.request.request_id, exc_info=error)
+        if isinstance(error, torch.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        self._finish(seq, "error", f"{type(error).__name__}: {error}")
 
     def _finish(self, seq: _Sequence, reason: FinishReason, error: str | None = None) -> None:
+        """End a sequence; its batch row goes at the end of the round (`_round`)."""
+        if seq.done:
+            return
+        seq.done = True
         if reason in ("stop", "length") and not seq.hit_stop_sequence:
             # Text held back as a possible stop sequence turned out not to be one.
             tail = seq.stops.flush()
@@ -445,7 +549,7 @@ class GenerationEngine:
         self.metrics.request_finished(
             reason, result.prompt_tokens, result.completion_tokens, result.duration_s
         )
-        seq.cache = None  # free the KV cache now, not when the caller lets go of the stream
+        seq.cache = None  # free a prefill cache now, not when the caller lets go of the stream
         if seq.adapter_key is not None:
             self.adapters.release(seq.adapter_key)
             seq.adapter_key = None
