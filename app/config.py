@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     session_ttl_hours: Annotated[int, Field(ge=1)] = 24 * 7
     # Mark cookies Secure (HTTPS only). Set it whenever the app is reached over HTTPS.
     cookie_secure: bool = False
+    # When set, GET /metrics answers only `Authorization: Bearer <token>` (metrics show how much the
+    # server is used, and when); empty leaves it open, for a scraper inside the private network.
+    metrics_token: SecretStr | None = None
 
     @field_validator("database_url")
     @classmethod
@@ -92,6 +95,18 @@ class Settings(BaseSettings):
     def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < 32:
             raise ValueError("must be at least 32 characters; generate one with: openssl rand -hex 32")
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _long_metrics_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if len(value.get_secret_value()) < 16:
+            raise ValueError(
+                "must be at least 16 characters, or empty to leave /metrics open; "
+                "generate one with: openssl rand -hex 32"
+            )
         return value
 
     @model_validator(mode="after")
@@ -162,6 +177,10 @@ def sync_database_url(url: str) -> str:
     return url.replace("sqlite+aiosqlite://", "sqlite://")
 
 
+# Never echoed back in an error message: it would land in logs.
+SECRET_FIELDS = frozenset({"SECRET_KEY", "METRICS_TOKEN"})
+
+
 class ConfigError(SystemExit):
     """Raised instead of a traceback when the settings are invalid."""
 
@@ -171,7 +190,7 @@ def describe_validation_error(error: ValidationError) -> str:
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]).upper() or "settings"
         given = item.get("input")
-        shown = "" if isinstance(given, dict) or field == "SECRET_KEY" else f" (got {given!r})"
+        shown = "" if isinstance(given, dict) or field in SECRET_FIELDS else f" (got {given!r})"
         lines.append(f"  {field}: {item['msg'].removeprefix('Value error, ')}{shown}")
     return "\n".join(lines)
 

@@ -122,3 +122,21 @@ async def require_admin_api_user(user: ApiUser) -> User:
 
 
 AdminApiUser = Annotated[User, Depends(require_admin_api_user)]
+
+
+async def require_metrics_scraper(request: Request, services: ServicesDep) -> None:
+    """With METRICS_TOKEN set, only a scraper sending it as a bearer token reads /metrics."""
+    token = services.settings.metrics_token
+    if token is None:
+        return
+    scheme, _, sent = request.headers.get("authorization", "").partition(" ")
+    expected = token.get_secret_value().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(), expected):
+        raise HTTPException(
+            401,
+            "the metrics need this server's METRICS_TOKEN: send it as 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+MetricsScraper = Annotated[None, Depends(require_metrics_scraper)]

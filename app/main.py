@@ -21,8 +21,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings, get_settings
 from app.deps import ApiAuthError, LoginRequired
+from app.observability import RecordHttpMetrics, ServerMetrics
 from app.openai_protocol import error_body
-from app.routes import admin, auth, chat, health, openai_api
+from app.routes import admin, auth, chat, health, metrics, openai_api
 from app.routes.html import is_htmx
 from app.services import build_services
 
@@ -124,11 +125,14 @@ class SecurityHeaders:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # One registry per app, shared by the HTTP middleware (installed now) and the engine (built in
+    # the lifespan).
+    server_metrics = ServerMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         assert settings is not None
-        app.state.services = await build_services(settings)
+        app.state.services = await build_services(settings, metrics=server_metrics)
         try:
             yield
         finally:
@@ -141,8 +145,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         prefixes=("/admin/adapters", "/api/admin/adapters"),
     )
     app.add_middleware(SecurityHeaders)
+    # Outermost, so it sees every answer, the other middleware's refusals included.
+    app.add_middleware(RecordHttpMetrics, metrics=server_metrics.http)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for router in (health.router, auth.router, chat.router, openai_api.router, admin.pages, admin.api):
+    routers = (
+        health.router,
+        metrics.router,
+        auth.router,
+        chat.router,
+        openai_api.router,
+        admin.pages,
+        admin.api,
+    )
+    for router in routers:
         app.include_router(router)
     _add_error_handlers(app)
     return app

@@ -19,6 +19,7 @@ from app.db import create_engine, create_sessionmaker
 from app.llm.demo import ensure_demo_model, is_demo_model
 from app.llm.engine import GenerationEngine
 from app.llm.loader import LoadedModel, ModelLoadError, ModelSpec, load_model
+from app.observability import ServerMetrics
 from app.registry.archive import ArchiveLimits
 from app.registry.catalog import Catalog
 from app.registry.inspect import BaseIdentity
@@ -48,6 +49,7 @@ class Services:
     store: AdapterStore
     catalog: Catalog
     intake: Intake
+    metrics: ServerMetrics
 
     @property
     def reply_settings(self) -> ReplySettings:
@@ -82,7 +84,9 @@ def load_configured_model(settings: Settings) -> LoadedModel:
         raise StartupError(f"cannot start: {error}") from None
 
 
-async def build_services(settings: Settings) -> Services:
+async def build_services(settings: Settings, *, metrics: ServerMetrics) -> Services:
+    """Everything the requests share. `metrics` comes from create_app: its HTTP middleware records
+    into the same registry, and exists before the lifespan runs."""
     secret = settings.secret()
     db_engine = create_engine(settings.sqlalchemy_url)
     sessionmaker = create_sessionmaker(engine=db_engine)
@@ -99,6 +103,7 @@ async def build_services(settings: Settings) -> Services:
         max_running=settings.max_running_generations,
         max_queued=settings.max_queued_generations,
         max_adapters=settings.max_resident_adapters,
+        metrics=metrics.engine,
     )
     engine.start()
     templates = Jinja2Templates(directory=TEMPLATES_DIR)
@@ -139,4 +144,5 @@ async def build_services(settings: Settings) -> Services:
         store=store,
         catalog=catalog,
         intake=intake,
+        metrics=metrics,
     )

@@ -13,13 +13,17 @@ that is removed from the registry while held is unloaded when its last request e
 from __future__ import annotations
 
 import collections
+import copy
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from app.llm.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +43,42 @@ class AdapterUnavailable(Exception):
     """The adapter cannot be served now (all slots held, or its files do not load)."""
 
 
+@dataclass(frozen=True)
+class AdapterFiles:
+    """An adapter's config and weights, read and already on the model's device: ready to install."""
+
+    config: Any
+    weights: dict[str, torch.Tensor]
+
+
+def read_adapter(ref: AdapterRef, device: torch.device) -> AdapterFiles:
+    """Read an adapter's files onto `device`. Touches no model: runs on any thread.
+
+    Reading and copying the weights is most of an adapter's load time; done here, off the engine's
+    worker thread, the running batch keeps decoding meanwhile and only the quick install is left.
+    """
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
+
+    try:
+        config = PeftConfig.from_pretrained(str(ref.path))
+        weights = load_peft_weights(str(ref.path), device="cpu")
+    except Exception as error:
+        raise AdapterUnavailable(f"cannot load adapter files from {ref.path}: {error}") from error
+    if device.type == "cuda":
+        side = torch.cuda.Stream(device)  # copies beside the decoding stream, not queued behind it
+        with torch.cuda.stream(side):
+            weights = {
+                name: tensor.pin_memory().to(device, non_blocking=True) for name, tensor in weights.items()
+            }
+        side.synchronize()
+    return AdapterFiles(config=config, weights=weights)
+
+
 class ResidentAdapters:
-    def __init__(self, base_model: Any, *, max_resident: int) -> None:
+    def __init__(self, base_model: Any, *, max_resident: int, metrics: EngineMetrics | None = None) -> None:
         self.base_model = base_model
+        self.metrics = metrics or EngineMetrics()
         self.max_resident = max_resident
         self.peft_model: Any = None
         self._holders: collections.OrderedDict[str, int] = (
@@ -59,8 +96,12 @@ class ResidentAdapters:
         """Whether `acquire(key)` can succeed now without unloading an adapter a request holds."""
         return key in self._holders or len(self._holders) < self.max_resident or self._evictable() is not None
 
-    def acquire(self, ref: AdapterRef) -> None:
-        """Make `ref` resident (loading it, and evicting the LRU idle one if full) and hold it."""
+    def is_resident(self, key: str) -> bool:
+        return key in self._holders
+
+    def acquire(self, ref: AdapterRef, files: AdapterFiles | None = None) -> None:
+        """Make `ref` resident (installing `files`, or reading them now; evicting the LRU idle
+        adapter if full) and hold it."""
         if ref.key in self._doomed:
             raise AdapterUnavailable(f"adapter {ref.label or ref.key} was removed")
         if ref.key not in self._holders:
@@ -70,7 +111,8 @@ class ResidentAdapters:
                     raise AdapterUnavailable("every adapter slot is held by a running request")
                 self._unload(victim)
                 self.evictions += 1
-            self._load(ref.key, ref.path)
+                self.metrics.adapter_evicted()
+            self._load(ref, files)
             self._holders[ref.key] = 0
         self._holders[ref.key] += 1
         self._holders.move_to_end(ref.key)
@@ -100,7 +142,7 @@ class ResidentAdapters:
             )
         return self.peft_model(**inputs, adapter_names=[key or BASE for key in keys])
 
-    def probe(self, ref: AdapterRef, prompt_ids: list[int]) -> float:
+    def probe(self, ref: AdapterRef, prompt_ids: list[int], files: AdapterFiles | None = None) -> float:
         """Measure how much the adapter moves the next-token logits, leaving it loaded for use.
 
         Returns the largest absolute change of the logits at the last prompt position; 0 means
@@ -114,7 +156,8 @@ class ResidentAdapters:
             while len(self._holders) >= self.max_resident and (victim := self._evictable()) is not None:
                 self._unload(victim)
                 self.evictions += 1
-            self._load(ref.key, ref.path)
+                self.metrics.adapter_evicted()
+            self._load(ref, files)
             self._holders[ref.key] = 0
         with_adapter = self.peft_model(input_ids=ids, adapter_names=[ref.key], logits_to_keep=1).logits
         without = self.peft_model(input_ids=ids, adapter_names=[BASE], logits_to_keep=1).logits
@@ -125,21 +168,39 @@ class ResidentAdapters:
     def _evictable(self) -> str | None:
         return next((key for key, holders in self._holders.items() if holders == 0), None)
 
-    def _load(self, key: str, path: Path) -> None:
-        from peft import PeftModel
+    def _load(self, ref: AdapterRef, files: AdapterFiles | None) -> None:
+        """Install an adapter as PEFT's load_adapter does, from files read beforehand."""
+        from peft import PeftModel, set_peft_model_state_dict
 
+        started = time.perf_counter()
+        files = files or read_adapter(ref, _device(self.base_model))
+        config = copy.copy(files.config)
+        config.inference_mode = True
+        key = ref.key
         try:
+            # low_cpu_mem_usage: the new layers start empty and take the read tensors as they are.
             if self.peft_model is None:
-                self.peft_model = PeftModel.from_pretrained(self.base_model, str(path), adapter_name=key)
+                self.peft_model = PeftModel(self.base_model, config, adapter_name=key, low_cpu_mem_usage=True)
             else:
-                self.peft_model.load_adapter(str(path), adapter_name=key)
+                self.peft_model.add_adapter(key, config, low_cpu_mem_usage=True)
+            loaded: Any = set_peft_model_state_dict(
+                self.peft_model, files.weights, adapter_name=key, low_cpu_mem_usage=True
+            )
+            missing = [name for name in loaded.missing_keys if "lora_" in name and f".{key}." in name]
+            if missing:
+                raise ValueError(f"{len(missing)} LoRA weights missing, e.g. {missing[0]}")
         except Exception as error:
-            raise AdapterUnavailable(f"cannot load adapter files from {path}: {error}") from error
+            if self.peft_model is not None and key in self.peft_model.peft_config:
+                self._holders.setdefault(key, 0)
+                self._unload(key)
+            raise AdapterUnavailable(f"cannot load adapter files from {ref.path}: {error}") from error
         if self.peft_model.active_adapter not in self.peft_model.peft_config:
             # Every adapter was unloaded earlier; PEFT still names the last one active.
             self.peft_model.set_adapter(key)
         self.peft_model.eval()
         self.loads += 1
+        self.metrics.adapter_loaded(time.perf_counter() - started)
+        self.metrics.resident_adapters(len(self._holders) + 1)
         log.info("adapter %s loaded (%d resident)", key, len(self._holders) + 1)
 
     def _unload(self, key: str) -> None:
@@ -153,6 +214,7 @@ class ResidentAdapters:
         self._doomed.discard(key)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        self.metrics.resident_adapters(len(self._holders))
         log.info("adapter %s unloaded (%d resident)", key, len(self._holders))
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import inspect
 import logging
@@ -38,7 +39,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
-from app.llm.adapters import AdapterRef, AdapterUnavailable, ResidentAdapters
+from app.llm.adapters import AdapterFiles, AdapterRef, AdapterUnavailable, ResidentAdapters, read_adapter
 from app.llm.batch import DecodeBatch
 from app.llm.loader import LoadedModel
 from app.llm.metrics import EngineMetrics
@@ -248,7 +249,10 @@ class GenerationEngine:
         # Prompt tokens prefilled per round: a long prompt joins over several rounds while everyone
         # else's streams keep decoding, instead of stalling them for its whole prefill.
         self.prefill_chunk = prefill_chunk
-        self.adapters = ResidentAdapters(model.model, max_resident=max_adapters)
+        self.adapters = ResidentAdapters(model.model, max_resident=max_adapters, metrics=self.metrics)
+        # Adapter files being read off the worker thread, by adapter key (see _admit).
+        self._reads: dict[str, concurrent.futures.Future[AdapterFiles]] = {}
+        self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-read")
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []  # admitted: prefilling or in the decode batch
@@ -273,6 +277,7 @@ class GenerationEngine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._reader.shutdown(wait=False, cancel_futures=True)
 
     @property
     def running(self) -> bool:
@@ -311,9 +316,12 @@ class GenerationEngine:
     async def probe_adapter(self, ref: AdapterRef, prompt_ids: list[int]) -> float:
         """How far the adapter moves the next-token logits of `prompt_ids` (0: it does nothing).
 
-        The adapter stays loaded (when a slot is free) for the requests that follow.
+        The adapter stays loaded (when a slot is free) for the requests that follow. Its files are
+        read first, off the worker thread, so running streams only pause for the install and the
+        probe's two forward passes.
         """
-        return await self.call(lambda: self.adapters.probe(ref, prompt_ids))
+        files = await asyncio.to_thread(read_adapter, ref, self.model.device)
+        return await self.call(lambda: self.adapters.probe(ref, prompt_ids, files))
 
     async def remove_adapter(self, key: str) -> None:
         """Unload an adapter version (at once if idle, else when the requests using it end)."""
@@ -338,6 +346,10 @@ class GenerationEngine:
             self.metrics.request_queued(len(self._waiting))
             self._cond.notify_all()
         return stream
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def _wake(self, stream: GenerationStream) -> None:
         with self._cond:
@@ -407,6 +419,25 @@ class GenerationEngine:
             ref = seq.stream.request.adapter
             if ref is not None and not self.adapters.can_hold(ref.key):
                 continue
+            files = None
+            if ref is not None and not self.adapters.is_resident(ref.key):
+                # Read its files in the background; the batch keeps decoding, and the request is
+                # admitted in the first round after they are in memory.
+                read = self._reads.get(ref.key)
+                if read is None:
+                    self._reads[ref.key] = read = self._reader.submit(read_adapter, ref, self.model.device)
+                    read.add_done_callback(lambda _: self._notify())
+                if not read.done():
+                    continue
+                del self._reads[ref.key]
+                try:
+                    files = read.result()
+                except AdapterUnavailable as error:
+                    with self._cond:
+                        self._waiting.remove(seq)
+                        self._running.append(seq)
+                    self._finish(seq, "error", str(error))
+                    continue
             with self._cond:
                 if seq not in self._waiting:  # cancelled meanwhile
                     continue
@@ -416,7 +447,7 @@ class GenerationEngine:
             self._prefilling.append(seq)
             if ref is not None:
                 try:
-                    self.adapters.acquire(ref)
+                    self.adapters.acquire(ref, files)
                     seq.adapter_key = ref.key
                 except AdapterUnavailable as error:
                     self._finish(seq, "error", str(error))
