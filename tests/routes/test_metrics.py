@@ -14,7 +14,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from app.config import Settings, describe_validation_error
-from tests.conftest import LiveServer, Member, create_api_key, make_settings, wait_for_message
+from tests.conftest import (
+    LiveServer,
+    Member,
+    build_adapter,
+    create_api_key,
+    make_admin,
+    make_settings,
+    wait_for_message,
+    zip_directory,
+)
 from tests.routes.sse import read_events
 from tests.routes.test_chat import reply_id, stream_url
 
@@ -58,8 +67,11 @@ def scrape_until(server: LiveServer, done: Callable[[Samples], bool], timeout: f
 
 @pytest.fixture(scope="module")
 def metered(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[LiveServer]:
-    """A server of its own, so counts move only with this module's requests; METRICS_TOKEN set."""
-    settings = make_settings(tmp_path_factory.mktemp("metered"), tiny_model_dir, metrics_token=TOKEN)
+    """A server of its own, so counts move only with this module's requests; METRICS_TOKEN set, and
+    room for one adapter, so a second one evicts the first."""
+    settings = make_settings(
+        tmp_path_factory.mktemp("metered"), tiny_model_dir, metrics_token=TOKEN, max_resident_adapters=1
+    )
     live = LiveServer(settings).start()
     yield live
     live.stop()
@@ -101,6 +113,8 @@ def test_a_completion_is_counted_timed_and_its_tokens_added(metered: LiveServer,
     assert grew("privategpt_time_to_first_token_seconds_sum") > 0
     assert grew("privategpt_inter_token_latency_seconds_count") == 19  # between 20 tokens
     assert grew("privategpt_request_duration_seconds_count") == 1
+    assert grew("privategpt_prefill_duration_seconds_count") >= 1
+    assert grew("privategpt_step_duration_seconds_count") >= 1 and after("privategpt_batch_size") >= 1
     assert grew("privategpt_http_requests_total", **route, status="200") == 1
     assert grew("privategpt_http_request_duration_seconds_count", **route) == 1
     assert grew("privategpt_http_stream_duration_seconds_count", **route) == 0
@@ -157,6 +171,29 @@ def test_requests_are_labelled_by_route_template_and_streams_timed_apart(
     # No label carries a raw path: ids would make a series per conversation.
     routes = {labels["route"] for labels in samples.labelled("privategpt_http_requests_total")}
     assert not [route for route in routes if conversation in route or "/no/such" in route or ".css" in route]
+
+
+def test_adapter_loads_and_evictions_are_counted(
+    metered: LiveServer, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    admin = make_admin(metered)
+    before = scrape(metered)
+    for name, seed in (("finance", 1), ("legal", 2)):
+        directory = build_adapter(tiny_model_dir, tmp_path / name, seed=seed)
+        uploaded = admin.upload(name, zip_directory(directory, tmp_path / f"{name}.zip"))
+        assert uploaded.status_code == 201, uploaded.text
+    upload = {"method": "POST", "route": "/api/admin/adapters/{name}/versions"}
+    after = scrape_until(metered, lambda s: s("privategpt_http_requests_total", **upload, status="201") == 2)
+
+    def grew(name: str, **labels: str) -> float:
+        return after(name, **labels) - before(name, **labels)
+
+    # Each upload's probe loads it; the second makes room by unloading the first.
+    assert grew("privategpt_adapter_loads_total") == 2
+    assert grew("privategpt_adapter_load_duration_seconds_count") == 2
+    assert grew("privategpt_adapter_evictions_total") == 1
+    assert after("privategpt_resident_adapters") == 1
+    assert after("privategpt_http_requests_total", **upload, status="201") == 2
 
 
 def test_metrics_token_is_required_when_set(metered: LiveServer) -> None:
