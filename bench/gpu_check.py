@@ -265,24 +265,24 @@ def generate(model: Any, ids: torch.Tensor, new: int, env: Env, **kw: Any) -> tu
 
 
 class Recorder:
-    """Wraps the engine's sample_token to record the token ids it picks (text hides them)."""
+    """Wraps the engine's per-token hook to record the token ids it samples (text hides them)."""
 
     def __init__(self) -> None:
-        import app.llm.engine as engine_mod
+        from app.llm.engine import GenerationEngine
 
-        self.mod = engine_mod
-        self.original = engine_mod.sample_token
+        self.engine_class = GenerationEngine
+        self.original = GenerationEngine._accept
         self.tokens: list[int] = []
+        original = self.original
 
-        def recording(logits: torch.Tensor, params: Any, generator: Any) -> int:
-            token = self.original(logits, params, generator)
+        def recording(engine: Any, seq: Any, token: int) -> bool:
             self.tokens.append(token)
-            return token
+            return original(engine, seq, token)
 
-        engine_mod.sample_token = recording
+        GenerationEngine._accept = recording  # type: ignore[method-assign]
 
     def restore(self) -> None:
-        self.mod.sample_token = self.original
+        self.engine_class._accept = self.original  # type: ignore[method-assign]
 
 
 def engine_run(engine: Any, ids: list[int], max_tokens: int) -> tuple[str, Any]:
