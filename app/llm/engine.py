@@ -357,7 +357,9 @@ class GenerationEngine:
                 if seq.stream is stream:
                     # Never started: answer at once instead of waiting for a slot.
                     self._waiting.remove(seq)
-                    seq.stream._deliver(seq.result("cancelled"))
+                    result = seq.result("cancelled")
+                    self.metrics.request_finished("cancelled", result.prompt_tokens, 0, result.duration_s)
+                    seq.stream._deliver(result)
                     break
             self._cond.notify_all()
 
