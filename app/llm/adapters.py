@@ -1,9 +1,10 @@
 """LoRA adapters resident on the served model: loaded on demand, chosen per request, evicted LRU.
 
-Only the engine's worker thread touches this (loading an adapter changes the model's modules, so
-it must not happen during another request's forward pass). Each forward names its adapter through
-PEFT's `adapter_names=` rather than `set_adapter`, which is global: two requests on different
-adapters can be in flight at once, and none ever sees another's adapter switched under it.
+Only the engine's worker thread touches this (loading an adapter writes the model's LoRA buffers,
+so it must not happen during another request's forward pass). Each resident adapter has a slot in
+every layer it targets (app/llm/lora.py), and each forward pass names every row's slot: rows on
+different adapters, and rows on the bare base, run in one batch, and no request ever sees another's
+adapter switched under it (unlike PEFT's global `set_adapter`).
 
 The set is bounded by `max_resident`. When it is full, the least recently used adapter that no
 running request holds is unloaded; a held adapter is never unloaded under its request, and one
@@ -13,7 +14,6 @@ that is removed from the registry while held is unloaded when its last request e
 from __future__ import annotations
 
 import collections
-import copy
 import logging
 import time
 from collections.abc import Sequence
@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from app.llm.loader import compute_dtype
+from app.llm.lora import LoraSlots
 from app.llm.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
@@ -76,11 +78,19 @@ def read_adapter(ref: AdapterRef, device: torch.device) -> AdapterFiles:
 
 
 class ResidentAdapters:
-    def __init__(self, base_model: Any, *, max_resident: int, metrics: EngineMetrics | None = None) -> None:
+    def __init__(
+        self, base_model: Any, *, max_resident: int, max_rank: int = 256, metrics: EngineMetrics | None = None
+    ) -> None:
         self.base_model = base_model
         self.metrics = metrics or EngineMetrics()
         self.max_resident = max_resident
-        self.peft_model: Any = None
+        device = _device(base_model)
+        # Slot 0 is the bare base; one more than max_resident lets a probe load beside a full set.
+        self.lora = LoraSlots(
+            base_model, slots=max_resident + 2, max_rank=max_rank, dtype=compute_dtype(device)
+        )
+        self._free_slots = list(range(max_resident + 1, 0, -1))
+        self._slot_of: dict[str, int] = {}
         self._holders: collections.OrderedDict[str, int] = (
             collections.OrderedDict()
         )  # key -> requests, LRU first
@@ -133,14 +143,14 @@ class ResidentAdapters:
 
     def forward(self, keys: Sequence[str | None], **inputs: Any) -> Any:
         """One forward pass, row i with adapter `keys[i]` (None: the bare base), in one batch."""
-        if self.peft_model is None or (not self._holders and not any(keys)):
-            # No adapter is loaded: the base model's own modules, with nothing added.
-            return (
-                self.peft_model.get_base_model()(**inputs)
-                if self.peft_model is not None
-                else self.base_model(**inputs)
-            )
-        return self.peft_model(**inputs, adapter_names=[key or BASE for key in keys])
+        if not any(keys):
+            return self.base_model(**inputs)  # every LoRA layer passes straight through
+        slots = [self._slot_of[key] if key else 0 for key in keys]
+        self.lora.rows.index = torch.tensor(slots, device=_device(self.base_model))
+        try:
+            return self.base_model(**inputs)
+        finally:
+            self.lora.rows.index = None
 
     def probe(self, ref: AdapterRef, prompt_ids: list[int], files: AdapterFiles | None = None) -> float:
         """Measure how much the adapter moves the next-token logits, leaving it loaded for use.
@@ -159,8 +169,8 @@ class ResidentAdapters:
                 self.metrics.adapter_evicted()
             self._load(ref, files)
             self._holders[ref.key] = 0
-        with_adapter = self.peft_model(input_ids=ids, adapter_names=[ref.key], logits_to_keep=1).logits
-        without = self.peft_model(input_ids=ids, adapter_names=[BASE], logits_to_keep=1).logits
+        with_adapter = self.forward([ref.key], input_ids=ids, logits_to_keep=1).logits
+        without = self.forward([None], input_ids=ids, logits_to_keep=1).logits
         if newly_loaded and len(self._holders) > self.max_resident:
             self._unload(ref.key)
         return float((with_adapter.float() - without.float()).abs().max())
@@ -169,51 +179,29 @@ class ResidentAdapters:
         return next((key for key, holders in self._holders.items() if holders == 0), None)
 
     def _load(self, ref: AdapterRef, files: AdapterFiles | None) -> None:
-        """Install an adapter as PEFT's load_adapter does, from files read beforehand."""
-        from peft import PeftModel, set_peft_model_state_dict
-
+        """Copy an adapter's matrices into a free slot of every layer it targets."""
         started = time.perf_counter()
         files = files or read_adapter(ref, _device(self.base_model))
-        config = copy.copy(files.config)
-        config.inference_mode = True
-        key = ref.key
+        slot = self._free_slots.pop()
         try:
-            # low_cpu_mem_usage: the new layers start empty and take the read tensors as they are.
-            if self.peft_model is None:
-                self.peft_model = PeftModel(self.base_model, config, adapter_name=key, low_cpu_mem_usage=True)
-            else:
-                self.peft_model.add_adapter(key, config, low_cpu_mem_usage=True)
-            loaded: Any = set_peft_model_state_dict(
-                self.peft_model, files.weights, adapter_name=key, low_cpu_mem_usage=True
-            )
-            missing = [name for name in loaded.missing_keys if "lora_" in name and f".{key}." in name]
-            if missing:
-                raise ValueError(f"{len(missing)} LoRA weights missing, e.g. {missing[0]}")
+            self.lora.fill(slot, files.config, files.weights)
         except Exception as error:
-            if self.peft_model is not None and key in self.peft_model.peft_config:
-                self._holders.setdefault(key, 0)
-                self._unload(key)
+            self.lora.clear(slot)
+            self._free_slots.append(slot)
             raise AdapterUnavailable(f"cannot load adapter files from {ref.path}: {error}") from error
-        if self.peft_model.active_adapter not in self.peft_model.peft_config:
-            # Every adapter was unloaded earlier; PEFT still names the last one active.
-            self.peft_model.set_adapter(key)
-        self.peft_model.eval()
+        self._slot_of[ref.key] = slot
         self.loads += 1
         self.metrics.adapter_loaded(time.perf_counter() - started)
         self.metrics.resident_adapters(len(self._holders) + 1)
-        log.info("adapter %s loaded (%d resident)", key, len(self._holders) + 1)
+        log.info("adapter %s loaded into slot %d (%d resident)", ref.key, slot, len(self._holders) + 1)
 
     def _unload(self, key: str) -> None:
-        if key in self.peft_model.peft_config:
-            remaining = [name for name in self.peft_model.peft_config if name != key]
-            if remaining:
-                # PEFT forwards consult the "active" adapter's config; keep it pointing at one that stays.
-                self.peft_model.set_adapter(remaining[0])
-            self.peft_model.delete_adapter(key)
+        slot = self._slot_of.pop(key, None)
+        if slot is not None:
+            self.lora.clear(slot)
+            self._free_slots.append(slot)
         self._holders.pop(key, None)
         self._doomed.discard(key)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         self.metrics.resident_adapters(len(self._holders))
         log.info("adapter %s unloaded (%d resident)", key, len(self._holders))
 

@@ -1,0 +1,74 @@
+"""Batched LoRA slots give PEFT's own outputs: ranks that grow, per-module alpha, rsLoRA, mixed rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.llm.adapters import BASE, AdapterRef, ResidentAdapters
+from app.llm.loader import ModelSpec, load_model
+from tests.conftest import build_adapter
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> list[AdapterRef]:
+    root = tmp_path_factory.mktemp("lora")
+    small = build_adapter(tiny_model_dir, root / "small", seed=11, rank=4)
+    large = build_adapter(
+        tiny_model_dir, root / "large", seed=12, rank=8, targets=("query_key_value", "dense")
+    )
+    patterned = build_adapter(tiny_model_dir, root / "patterned", seed=13, rank=4)
+    config_file = patterned / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(alpha_pattern={"dense_4h_to_h": 2}, use_rslora=True)
+    config_file.write_text(json.dumps(config))
+    return [AdapterRef(key=p.name, path=p, label=p.name) for p in (small, large, patterned)]
+
+
+def test_mixed_rows_match_peft_as_ranks_grow_and_patterns_apply(
+    tiny_model_dir: Path, adapters: list[AdapterRef]
+) -> None:
+    from peft import PeftModel
+
+    tokenizer_ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11 + 1]] * 4)
+    reference = load_model(ModelSpec(str(tiny_model_dir), device="cpu"))
+    peft = PeftModel.from_pretrained(reference.model, str(adapters[0].path), adapter_name=adapters[0].key)
+    for ref in adapters[1:]:
+        peft.load_adapter(str(ref.path), adapter_name=ref.key)
+    peft.eval()
+    rows = [adapters[0].key, BASE, adapters[1].key, adapters[2].key]
+    with torch.no_grad():
+        expected = peft(input_ids=tokenizer_ids, adapter_names=rows).logits
+
+    served = load_model(ModelSpec(str(tiny_model_dir), device="cpu"))
+    resident = ResidentAdapters(served.model, max_resident=3)
+    for ref in adapters:  # rank 4, then 8 (the slots grow), then 4 with alpha_pattern and rsLoRA
+        resident.acquire(ref)
+    assert resident.lora.rank == 8
+    with torch.no_grad():
+        got = resident.forward([None if key == BASE else key for key in rows], input_ids=tokenizer_ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got[0], got[1], atol=1e-3), "the adapters change the output"
+
+
+def test_an_unloaded_slot_leaves_nothing_behind_for_its_next_tenant(
+    tiny_model_dir: Path, adapters: list[AdapterRef]
+) -> None:
+    served = load_model(ModelSpec(str(tiny_model_dir), device="cpu"))
+    resident = ResidentAdapters(served.model, max_resident=1)
+    ids = torch.tensor([[5, 17, 42, 99]])
+    with torch.no_grad():
+        resident.acquire(adapters[1])  # q/k/v and dense, rank 8
+        resident.release(adapters[1].key)
+        resident.acquire(adapters[0])  # evicts it; all four layer kinds, rank 4
+        after = resident.forward([adapters[0].key], input_ids=ids).logits
+        fresh = ResidentAdapters(
+            load_model(ModelSpec(str(tiny_model_dir), device="cpu")).model, max_resident=1
+        )
+        fresh.acquire(adapters[0])
+        alone = fresh.forward([adapters[0].key], input_ids=ids).logits
+    assert resident.evictions == 1
+    torch.testing.assert_close(after, alone, rtol=1e-5, atol=1e-5)
