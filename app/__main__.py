@@ -1,6 +1,7 @@
 """Private GPT's command line: serve, migrate, and bootstrap users on an on-prem install.
 
-python -m app serve                      migrate the database, then serve HOST:PORT
+python -m app serve                      migrate the database, then serve HOST:PORT (the demo
+                                         model's first start trains the demo adapter first)
 python -m app migrate                    apply the database migrations
 python -m app create-user --email E --password P [--admin]
 python -m app create-api-key --email E [--name N]   (prints the key once)
@@ -137,6 +138,28 @@ async def _first_admin(settings: Settings) -> None:
         await engine.dispose()
 
 
+def _demo_adapter(settings: Settings) -> None:
+    """On the demo model's first start, train and publish the demo adapter (training/demo.py)."""
+    from app.llm.demo import ensure_demo_model
+
+    ensure_demo_model(settings.demo_model_dir)
+    if not settings.demo_adapter:
+        return
+    from training.demo import ensure_demo_adapter
+    from training.publish import PublishError
+
+    log = logging.getLogger(__name__)
+    try:
+        ensure_demo_adapter(settings)
+    except PublishError as error:  # e.g. users but no admin yet
+        log.warning("no demo adapter: %s; the next start tries again (DEMO_ADAPTER=false skips it)", error)
+    except Exception:  # a demo nicety: the server still starts without it
+        log.exception(
+            "the demo adapter could not be set up; serving without it (the next start tries again, "
+            "DEMO_ADAPTER=false skips it)"
+        )
+
+
 def serve(settings: Settings) -> int:
     import uvicorn
 
@@ -145,6 +168,12 @@ def serve(settings: Settings) -> int:
 
     upgrade_database(settings.sqlalchemy_url)
     asyncio.run(_first_admin(settings))
+    if settings.uses_demo_model:
+        try:
+            _demo_adapter(settings)  # publishes under the first admin, so after it exists
+        except KeyboardInterrupt as stop:
+            print(f"\n{stop or 'stopped'}", file=sys.stderr)
+            return 130
     print(f"Private GPT: http://{settings.host}:{settings.port}", flush=True)
     # One worker process: it owns the GPU; concurrency comes from the engine and asyncio.
     uvicorn.run(

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # The name API clients use in `model`; defaults to MODEL_ID (or the demo model's name).
     served_model_name: str = ""
     quantization: Quantization = Quantization.NF4
+    # On the demo model only: the first `serve` trains a demo adapter on the sample data (about a
+    # minute on 2 CPU cores, once per DATA_DIR) and makes it the default. false skips it.
+    demo_adapter: bool = True
     # auto = CUDA when a GPU is visible, else the CPU (bitsandbytes runs NF4 there too).
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     # Override the model's own context length (tokens of prompt + reply).

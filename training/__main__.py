@@ -2,7 +2,7 @@
 
     python -m training CONFIG.yaml [--resume] [--skip-bad-records] [--publish NAME] [--key value ...]
     python -m training validate CONFIG.yaml [--key value ...]
-    python -m training publish ADAPTER_DIR --name NAME [--by ADMIN_EMAIL] [--notes TEXT]
+    python -m training publish ADAPTER_DIR --name NAME [--by ADMIN_EMAIL] [--notes TEXT] [--default]
 
 `--key value` overrides any config field, dotted for sections: `--lora.r 8 --max_steps 50`.
 Publishing uses the server's settings (DATABASE_URL, DATA_DIR, MODEL_ID) from the environment.
@@ -104,11 +104,19 @@ def _publish(argv: list[str]) -> int:
     parser.add_argument("--name", required=True)
     parser.add_argument("--by", help="the admin to record it under (default: the first admin)")
     parser.add_argument("--notes", default="")
+    parser.add_argument("--default", action="store_true", help="make it the default for new conversations")
     args = parser.parse_args(argv)
     try:
         settings = get_settings()
         version = asyncio.run(
-            publish_adapter(args.adapter_dir, name=args.name, settings=settings, by=args.by, notes=args.notes)
+            publish_adapter(
+                args.adapter_dir,
+                name=args.name,
+                settings=settings,
+                by=args.by,
+                notes=args.notes,
+                default=args.default,
+            )
         )
     except SettingsError as error:
         print(error, file=sys.stderr)
@@ -117,6 +125,8 @@ def _publish(argv: list[str]) -> int:
         print(f"error: not published: {error}", file=sys.stderr)
         return 1
     print(f"published {args.name}@{version.version}: served from the next request on")
+    if args.default:
+        print(f"{args.name} is the default adapter for new conversations")
     return 0
 
 

@@ -4,7 +4,7 @@ The adapter is copied into the store's incoming area, inspected against the serv
 on the real (4-bit) model, stored and registered as the next version of its name. Servers
 polling the registry serve it from their next request on.
 
-    python -m training publish runs/finance/adapter --name finance [--by admin@company.com]
+    python -m training publish runs/finance/adapter --name finance [--by admin@company.com] [--default]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from app.llm.engine import GenerationEngine
 from app.llm.loader import ModelSpec, load_model
 from app.migrate import upgrade_database
 from app.models import AdapterVersion, Role, User
+from app.registry import service
 from app.registry.archive import ALLOWED_FILES, ArchiveLimits
 from app.registry.catalog import Catalog
 from app.registry.inspect import BaseIdentity
@@ -34,9 +35,18 @@ class PublishError(ValueError):
 
 
 async def publish_adapter(
-    adapter_dir: Path, *, name: str, settings: Settings, by: str | None = None, notes: str = ""
+    adapter_dir: Path,
+    *,
+    name: str,
+    settings: Settings,
+    by: str | None = None,
+    notes: str = "",
+    default: bool = False,
 ) -> AdapterVersion:
-    """Register `adapter_dir` as the next version of `name` in the registry `settings` point at."""
+    """Register `adapter_dir` as the next version of `name` in the registry `settings` point at.
+
+    `default`: also make `name` the adapter new conversations start with.
+    """
     if not (adapter_dir / "adapter_config.json").is_file():
         raise PublishError(f"{adapter_dir} is not an adapter directory (no adapter_config.json)")
     await asyncio.to_thread(upgrade_database, settings.sqlalchemy_url)
@@ -60,12 +70,15 @@ async def publish_adapter(
             max_rank=settings.max_adapter_rank,
         )
         async with sessionmaker() as db:
-            actor = await _publisher(db, by)
+            actor = await publisher(db, by)
             with store.incoming() as staging:
                 await asyncio.to_thread(copy_adapter_files, adapter_dir, staging)
-                return await publish_directory(
+                version = await publish_directory(
                     db, intake, directory=staging, name=name, notes=notes, actor=actor, source="training"
                 )
+            if default:
+                await service.set_default(db, name=name, actor=actor)
+            return version
     finally:
         engine.shutdown()
         await db_engine.dispose()
@@ -78,7 +91,7 @@ def copy_adapter_files(source: Path, target: Path) -> None:
             shutil.copy2(file, target / file.name)
 
 
-async def _publisher(db: AsyncSession, by: str | None) -> User:
+async def publisher(db: AsyncSession, by: str | None) -> User:
     """The admin the publication is recorded under: `by`, or the first admin when not given."""
     query = select(User).where(User.role == Role.ADMIN, User.is_active.is_(True))
     if by:

@@ -3,8 +3,10 @@
 Nothing can be downloaded on an air-gapped server (or on our CI), so the demo and the tests use
 a model this module builds: Falcon-7B's architecture (multi-query attention, parallel attention
 and MLP, rotary positions) at a tiny size, with a byte-level BPE tokenizer trained with the
-`tokenizers` library on `demo_corpus.txt`. It is saved as an ordinary Hugging Face model
-directory and served through the same loader as a real checkpoint.
+`tokenizers` library on `demo_corpus.txt` (a few paragraphs of policy text and the sample data
+set's questions and answers, so its words are whole tokens: an answer is about 33 tokens, not 60).
+It is saved as an ordinary Hugging Face model directory and served through the same loader as a
+real checkpoint.
 
 Its weights are random, so it writes word salad from the corpus' vocabulary. The output head is
 scaled so that sampling is decisive, and end-of-text is held well below the other tokens, so
@@ -26,7 +28,7 @@ DEMO_MARKER = "private_gpt_demo.json"
 
 @dataclass(frozen=True)
 class DemoModelShape:
-    vocab_size: int = 2048
+    vocab_size: int = 4096
     hidden_size: int = 256
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
@@ -54,7 +56,6 @@ def build_demo_model(path: Path, shape: DemoModelShape) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import FalconConfig, FalconForCausalLM, PreTrainedTokenizerFast
 
-    corpus = (Path(__file__).with_name("demo_corpus.txt")).read_text(encoding="utf-8").splitlines()
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -64,7 +65,7 @@ def build_demo_model(path: Path, shape: DemoModelShape) -> Path:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(corpus, trainer=trainer)
+    bpe.train_from_iterator(tokenizer_text(), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=EOS_TOKEN
     )
@@ -123,6 +124,19 @@ def build_demo_model(path: Path, shape: DemoModelShape) -> Path:
         shutil.rmtree(path)
     tmp.rename(path)
     return path
+
+
+def tokenizer_text() -> list[str]:
+    """What the tokenizer learns its vocabulary from: the corpus, and the prompt layout.
+
+    The layout (Alpaca preamble, default system prompt, section headers) starts every prompt, so it
+    is weighted to become a few whole-word tokens: short prompts make training and replies faster.
+    """
+    from app.llm.prompts import DEFAULT_SYSTEM_PROMPT, alpaca_header, format_alpaca_example
+
+    corpus = Path(__file__).with_name("demo_corpus.txt").read_text(encoding="utf-8").splitlines()
+    layout = alpaca_header(DEFAULT_SYSTEM_PROMPT) + format_alpaca_example("?", "?")
+    return corpus + [layout] * 20
 
 
 def _clean(text: str) -> bool:

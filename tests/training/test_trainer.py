@@ -130,13 +130,15 @@ def test_a_trained_adapter_is_published_and_served(
         monkeypatch.setenv("DEVICE", "cpu")
         monkeypatch.setenv("SECRET_KEY", settings.secret().decode())
         get_settings.cache_clear()
-        assert main(["publish", str(result.adapter_dir), "--name", "leave", "--notes", "team leave"]) == 0
+        published = ["publish", str(result.adapter_dir), "--name", "leave", "--notes", "team leave"]
+        assert main([*published, "--default"]) == 0
 
         client = openai.OpenAI(
             base_url=f"{live.url}/v1", api_key=create_api_key(settings, admin.email), max_retries=0
         )
         deadline = time.monotonic() + 10
-        while "leave" not in {m.id for m in client.models.list()}:  # the server polls the registry
+        # The server polls the registry; --default makes it the adapter new conversations start on.
+        while "leave" not in {m.id for m in client.models.list()} or live.services.catalog.default != "leave":
             assert time.monotonic() < deadline, "the published adapter never reached the server"
             time.sleep(0.2)
         question = [{"role": "user", "content": "How many days of leave does team 3 get?"}]
