@@ -7,9 +7,10 @@ built in the lifespan, not at import, so tests can build the app with their own 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
@@ -44,17 +45,29 @@ SECURITY_HEADERS = [
 ]
 
 
+def _upload_refusal(limit: str) -> dict[str, Any]:
+    return {"detail": f"the upload is larger than this server accepts ({limit})"}
+
+
 class UploadLimit:
-    """Refuses request bodies over `max_bytes` on the upload routes while they stream in (413).
+    """Refuses POST bodies over `max_bytes` on the routes under `prefixes` while they stream in (413).
 
     Starlette spools uploaded files to disk without a size limit; this stops an oversized upload
-    before it fills the disk, not after.
+    before it fills the disk, not after. `refusal` builds the answer's JSON from the limit.
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, prefixes: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        prefixes: tuple[str, ...],
+        refusal: Callable[[str], dict[str, Any]] = _upload_refusal,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.prefixes = prefixes
+        self.refusal = refusal
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -81,6 +94,9 @@ class UploadLimit:
 
         async def tracking(message: Message) -> None:
             nonlocal started
+            if not started and seen > self.max_bytes:
+                # FastAPI answers any error raised while it reads a body with a 400 of its own.
+                raise _TooLarge()
             started = started or message["type"] == "http.response.start"
             await send(message)
 
@@ -91,8 +107,7 @@ class UploadLimit:
                 await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        limit = f"{self.max_bytes / 2**20:.0f} MB"
-        response = JSONResponse({"detail": f"the upload is larger than this server accepts ({limit})"}, 413)
+        response = JSONResponse(self.refusal(f"{self.max_bytes / 2**20:.0f} MB"), 413)
         await response({"type": "http"}, _no_receive, send)
 
 
@@ -144,6 +159,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.max_adapter_upload_mb * 2**20 + 2**20,  # the archive plus the form's other fields
         prefixes=("/admin/adapters", "/api/admin/adapters"),
     )
+    app.add_middleware(
+        UploadLimit, max_bytes=openai_api.MAX_REQUEST_BYTES, prefixes=("/v1/",), refusal=_api_body_refusal
+    )
     app.add_middleware(SecurityHeaders)
     # Outermost, so it sees every answer, the other middleware's refusals included.
     app.add_middleware(RecordHttpMetrics, metrics=server_metrics.http)
@@ -161,6 +179,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     _add_error_handlers(app)
     return app
+
+
+def _api_body_refusal(limit: str) -> dict[str, Any]:
+    message = f"the request body is larger than this server accepts ({limit}); shorten the messages"
+    return error_body(message, "invalid_request_error", "request_too_large")
+
+
+def _problem(item: dict[str, Any]) -> str:
+    """One validation error as a sentence naming the field (or the body as a whole)."""
+    where = ".".join(str(p) for p in item["loc"] if p != "body")
+    if item["type"] == "json_invalid":  # the location is the character where parsing stopped
+        reason = item.get("ctx", {}).get("error", item["msg"])
+        return f"the request body is not valid JSON ({reason} at character {where})"
+    return f"{where or 'the request body'}: {item['msg']}"
 
 
 def _is_api(request: Request) -> bool:
@@ -191,16 +223,18 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> Response:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in item['loc'] if p != 'body')}: {item['msg']}"
-            for item in error.errors()
-        )
+        problems = "; ".join(_problem(item) for item in error.errors())
         if _is_api(request):
             return JSONResponse(error_body(problems, "invalid_request_error"), status_code=400)
         return JSONResponse({"detail": problems}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        if isinstance(error.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body"
+            cause = error.__cause__
+            error.detail = (
+                f"the request body is not UTF-8 ({cause.reason} at byte {cause.start}); send UTF-8 JSON"
+            )
         if _is_api(request):
             code = "not_found" if error.status_code == 404 else None
             return JSONResponse(

@@ -15,13 +15,23 @@ class ChatMessage(BaseModel):
 
     def text(self) -> str:
         if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
+            text = self.content
+        else:
+            parts = []
+            for part in self.content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError("only text content parts are supported")
+                parts.append(part["text"])
+            text = "".join(parts)
+        # JSON can escape half of a UTF-16 pair ("\ud800"); no tokenizer can encode that.
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                "a message holds a lone surrogate escape (\\ud800 to \\udfff), which is not text; "
+                "escape the whole UTF-16 pair or send the character as UTF-8"
+            ) from None
+        return text
 
 
 class StreamOptions(BaseModel):
@@ -40,7 +50,8 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    seed: int | None = None
+    # Any 64-bit integer, as OpenAI takes; larger ones would overflow the sampler's generator.
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     n: Annotated[int, Field(ge=1, le=1)] = 1
     user: str | None = None
@@ -49,6 +60,19 @@ class ChatCompletionRequest(BaseModel):
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every refusal of the API, in OpenAI's shape (see `error_body`)."""
+
+    error: ErrorDetail
 
 
 def completion_id() -> str:
@@ -68,4 +92,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    # A message may quote the request (a model's name), and JSON can carry a lone surrogate ("\ud800")
+    # that UTF-8 cannot encode: escape it rather than fail to answer.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -20,13 +20,24 @@ from app.chat.replies import prompt_request
 from app.deps import ApiUser, ServicesDep
 from app.llm.engine import EngineOverloaded, GenerationResult, GenerationStream, SamplingParams
 from app.llm.prompts import ChatTurn, PromptTooLong
-from app.openai_protocol import ChatCompletionRequest, completion_id, error_body, now, usage
+from app.openai_protocol import (
+    ChatCompletionRequest,
+    ErrorResponse,
+    completion_id,
+    error_body,
+    now,
+    usage,
+)
 from app.registry.catalog import UnknownModel
 from app.routes.html import sentence
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 DISCONNECT_POLL_S = 0.5
+# Far more than any conversation a served context can hold (128k tokens of text is well under 1 MiB):
+# a bigger body is refused while it streams in (app.main.UploadLimit), before it is parsed and tokenized.
+MAX_REQUEST_BYTES = 2**20
+GREEDY_BELOW = 1e-6  # temperatures under this decode greedily
 
 
 class ApiError(Exception):
@@ -60,7 +71,25 @@ async def list_models(services: ServicesDep, _user: ApiUser) -> dict[str, Any]:
     return {"object": "list", "data": models}
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post(
+    "/chat/completions",
+    response_model=None,
+    responses={
+        200: {
+            "description": "A chat.completion, or chat.completion.chunk events when `stream` is true",
+            "content": {"application/json": {}, "text/event-stream": {}},
+        },
+        **{
+            status: {"model": ErrorResponse, "description": what}
+            for status, what in (
+                (400, "A malformed request, or one the model cannot take"),
+                (404, "No model of that name is served"),
+                (413, "The request body is too large"),
+                (429, "The server is at capacity; retry after Retry-After seconds"),
+            )
+        },
+    },
+)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, services: ServicesDep, _user: ApiUser
 ) -> Response:
@@ -88,7 +117,9 @@ async def chat_completions(
         )
     sampling = SamplingParams(
         max_tokens=max_tokens,
-        temperature=settings.default_temperature if body.temperature is None else body.temperature,
+        temperature=_temperature(
+            settings.default_temperature if body.temperature is None else body.temperature
+        ),
         top_p=settings.default_top_p if body.top_p is None else body.top_p,
         seed=body.seed,
         stop=body.stop_sequences(),
@@ -135,6 +166,12 @@ async def chat_completions(
             "usage": usage(result.prompt_tokens, result.completion_tokens),
         }
     )
+
+
+def _temperature(requested: float) -> float:
+    # Dividing the logits by a temperature this close to 0 overflows float32 (NaN probabilities);
+    # sampling at it picks the likeliest token anyway, so it is greedy decoding.
+    return 0.0 if requested < GREEDY_BELOW else requested
 
 
 async def _collect_while_connected(
