@@ -47,13 +47,16 @@ from app.llm.metrics import EngineMetrics
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+# Dividing logits by a temperature this close to 0 overflows float32 into NaN probabilities;
+# so close to 0, sampling is greedy decoding anyway.
+GREEDY_BELOW = 1e-6
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
-    temperature: float = 0.7  # 0 means greedy
+    temperature: float = 0.7  # 0 (or anything below GREEDY_BELOW) means greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
@@ -526,7 +529,7 @@ class GenerationEngine:
         logits = out.logits[:, -1]
         greedy = logits.argmax(dim=-1).tolist()  # one device sync for every greedy row
         for row, seq in enumerate(rows):
-            sampled = seq.params.temperature > 0
+            sampled = seq.params.temperature >= GREEDY_BELOW
             token = sample_token(logits[row], seq.params, seq.generator) if sampled else greedy[row]
             if not seq.done and self._accept(seq, token):
                 seq.next_token = token
@@ -598,7 +601,7 @@ def cache_keyword(model: Any) -> str:
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Greedy at temperature 0; otherwise temperature and nucleus (top-p) sampling."""
-    if params.temperature <= 0:
+    if params.temperature < GREEDY_BELOW:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:

@@ -37,7 +37,6 @@ DISCONNECT_POLL_S = 0.5
 # Far more than any conversation a served context can hold (128k tokens of text is well under 1 MiB):
 # a bigger body is refused while it streams in (app.main.UploadLimit), before it is parsed and tokenized.
 MAX_REQUEST_BYTES = 2**20
-GREEDY_BELOW = 1e-6  # temperatures under this decode greedily
 
 
 class ApiError(Exception):
@@ -117,9 +116,8 @@ async def chat_completions(
         )
     sampling = SamplingParams(
         max_tokens=max_tokens,
-        temperature=_temperature(
-            settings.default_temperature if body.temperature is None else body.temperature
-        ),
+        # The engine decodes greedily at 0 and below app.llm.engine.GREEDY_BELOW.
+        temperature=settings.default_temperature if body.temperature is None else body.temperature,
         top_p=settings.default_top_p if body.top_p is None else body.top_p,
         seed=body.seed,
         stop=body.stop_sequences(),
@@ -166,12 +164,6 @@ async def chat_completions(
             "usage": usage(result.prompt_tokens, result.completion_tokens),
         }
     )
-
-
-def _temperature(requested: float) -> float:
-    # Dividing the logits by a temperature this close to 0 overflows float32 (NaN probabilities);
-    # sampling at it picks the likeliest token anyway, so it is greedy decoding.
-    return 0.0 if requested < GREEDY_BELOW else requested
 
 
 async def _collect_while_connected(
