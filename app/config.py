@@ -61,9 +61,15 @@ class Settings(BaseSettings):
     default_temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
     default_top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    # Sequences decoding at once; more wait in the queue, and past that requests get 429.
+    # Sequences decoding at once (in one batch); more wait in the queue, and past that requests get 429.
     max_running_generations: Annotated[int, Field(ge=1)] = 4
     max_queued_generations: Annotated[int, Field(ge=0)] = 32
+    # KV cache budget: the prompt + max_tokens of the running replies, summed, may not exceed this many
+    # tokens (a reply that would waits). Unset: only MAX_RUNNING_GENERATIONS bounds it.
+    max_batch_tokens: Annotated[int | None, Field(ge=1)] = None
+    # Prompt tokens prefilled per engine round, between the running replies' decoding steps: larger
+    # gives new replies their first token sooner, smaller keeps running streams smoother.
+    prefill_chunk_tokens: Annotated[int, Field(ge=16)] = 2048
 
     # Adapters: how many stay loaded on the GPU (least recently used are unloaded beyond that),
     # the largest LoRA rank accepted, the largest upload, and how often servers look for changes.

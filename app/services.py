@@ -102,6 +102,8 @@ async def build_services(settings: Settings, *, metrics: ServerMetrics) -> Servi
         model,
         max_running=settings.max_running_generations,
         max_queued=settings.max_queued_generations,
+        max_batch_tokens=settings.max_batch_tokens,
+        prefill_chunk=settings.prefill_chunk_tokens,
         max_adapters=settings.max_resident_adapters,
         metrics=metrics.engine,
     )

@@ -240,7 +240,7 @@ class GenerationEngine:
         max_queued: int = 32,
         max_adapters: int = 8,
         max_batch_tokens: int | None = None,
-        prefill_chunk: int = 512,
+        prefill_chunk: int = 2048,
         metrics: EngineMetrics | None = None,
     ) -> None:
         self.model = model
