@@ -25,9 +25,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import TrainerCallback
-
 from app.config import Settings
 from training.config import TrainingConfig, load_config
 
@@ -90,7 +87,7 @@ def _train_and_publish(settings: Settings, marker: Path) -> None:
         flush=True,
     )
     started = time.perf_counter()
-    result = train(config, callbacks=[Float32AdaptersOnCpu()])
+    result = train(config)
     if result.interrupted:
         raise DemoAdapterInterrupted(
             "stopped: the demo adapter was not published; it is trained again on the next start "
@@ -163,23 +160,3 @@ def _one_process_at_a_time(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(file, fcntl.LOCK_UN)
-
-
-class Float32AdaptersOnCpu(TrainerCallback):
-    """Train LoRA weights in float32 on the CPU.
-
-    TRL's SFTTrainer casts the LoRA weights of a quantized model to bf16, the QLoRA recipe for GPUs.
-    A CPU without bf16 units runs those matmuls far slower than float32: on 2 CPU cores a step of
-    the tiny recipe took 0.33 s instead of 0.62 s, and in 85 s of training the float32 run learned
-    23 of 30 answers, the bf16 run none. The optimizer holds the parameters themselves, so giving
-    them float32 data before the first step is enough. It belongs in the trainer, for every CPU run;
-    until it is there, the demo adapter passes it.
-    """
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if model is None:
-            return
-        for parameter in model.parameters():
-            on_cpu = parameter.device.type == "cpu"
-            if parameter.requires_grad and on_cpu and parameter.dtype != torch.float32:
-                parameter.data = parameter.data.float()

@@ -125,7 +125,7 @@ def test_passes_give_the_gradient_and_loss_of_one_pass(tmp_path: Path, tiny_mode
     assert split_loss == pytest.approx(whole_loss, rel=1e-5)
     assert whole.gradients.keys() == split.gradients.keys() and whole.gradients
     for name, gradient in whole.gradients.items():
-        # TRL keeps QLoRA adapter weights (and so their gradients) in bf16: equal up to about one bf16
-        # step (2^-8 relative); a lost pass or a mis-scaled one is off by a tenth or more.
-        difference = (split.gradients[name].float() - gradient.float()).norm()
-        assert difference <= 1e-2 * gradient.float().norm(), name
+        # Equal up to float32 summation order; a lost pass or a mis-scaled one is off by a tenth or more.
+        assert gradient.dtype == torch.float32, "on the CPU the LoRA weights train in float32"
+        difference = (split.gradients[name] - gradient).norm()
+        assert difference <= 1e-4 * gradient.norm(), name
