@@ -115,13 +115,8 @@ class ResidentAdapters:
         if ref.key in self._doomed:
             raise AdapterUnavailable(f"adapter {ref.label or ref.key} was removed")
         if ref.key not in self._holders:
-            while len(self._holders) >= self.max_resident:
-                victim = self._evictable()
-                if victim is None:
-                    raise AdapterUnavailable("every adapter slot is held by a running request")
-                self._unload(victim)
-                self.evictions += 1
-                self.metrics.adapter_evicted()
+            if not self._make_room():
+                raise AdapterUnavailable("every adapter slot is held by a running request")
             self._load(ref, files)
             self._holders[ref.key] = 0
         self._holders[ref.key] += 1
@@ -163,10 +158,7 @@ class ResidentAdapters:
         ids = torch.tensor([prompt_ids], device=_device(self.base_model))
         newly_loaded = ref.key not in self._holders
         if newly_loaded:
-            while len(self._holders) >= self.max_resident and (victim := self._evictable()) is not None:
-                self._unload(victim)
-                self.evictions += 1
-                self.metrics.adapter_evicted()
+            self._make_room()  # when every slot is held, the probe uses the spare one
             self._load(ref, files)
             self._holders[ref.key] = 0
         with_adapter = self.forward([ref.key], input_ids=ids, logits_to_keep=1).logits
@@ -174,6 +166,17 @@ class ResidentAdapters:
         if newly_loaded and len(self._holders) > self.max_resident:
             self._unload(ref.key)
         return float((with_adapter.float() - without.float()).abs().max())
+
+    def _make_room(self) -> bool:
+        """Unload least recently used idle adapters until one more fits; False if all are held."""
+        while len(self._holders) >= self.max_resident:
+            victim = self._evictable()
+            if victim is None:
+                return False
+            self._unload(victim)
+            self.evictions += 1
+            self.metrics.adapter_evicted()
+        return True
 
     def _evictable(self) -> str | None:
         return next((key for key, holders in self._holders.items() if holders == 0), None)

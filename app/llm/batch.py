@@ -26,10 +26,6 @@ def cache_tensors(cache: Any) -> list[Any]:
     return list(cache.layers)
 
 
-def cache_length(cache: Any) -> int:
-    return int(cache.get_seq_length())
-
-
 class DecodeBatch:
     """Rows of sequences decoding together; `rows[i]` owns row i of the cache and the mask."""
 

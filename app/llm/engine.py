@@ -438,9 +438,6 @@ class GenerationEngine:
                 try:
                     files = read.result()
                 except AdapterUnavailable as error:
-                    with self._cond:
-                        self._waiting.remove(seq)
-                        self._running.append(seq)
                     self._finish(seq, "error", str(error))
                     continue
             with self._cond:
@@ -589,8 +586,10 @@ class GenerationEngine:
         if seq.adapter_key is not None:
             self.adapters.release(seq.adapter_key)
             seq.adapter_key = None
-        with self._cond, contextlib.suppress(ValueError):
-            self._running.remove(seq)
+        with self._cond:
+            for queue in (self._running, self._waiting):
+                with contextlib.suppress(ValueError):
+                    queue.remove(seq)
         seq.stream._deliver(result)
 
 
