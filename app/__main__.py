@@ -4,6 +4,7 @@ python -m app serve                      migrate the database, then serve HOST:P
                                          model's first start trains the demo adapter first)
 python -m app migrate                    apply the database migrations
 python -m app create-user --email E --password P [--admin]
+python -m app set-password --email E [--password P]   (signs them out everywhere, revokes their API keys)
 python -m app create-api-key --email E [--name N]   (prints the key once)
 python -m app build-demo-model [DIR]     build the embedded demo model
 """
@@ -32,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     user.add_argument("--email", required=True)
     user.add_argument("--password", help="default: the PGPT_PASSWORD variable, else asked for")
     user.add_argument("--admin", action="store_true", help="give the user the admin role")
+    password = commands.add_parser(
+        "set-password", help="set a user's password; ends all their sessions and revokes their API keys"
+    )
+    password.add_argument("--email", required=True)
+    password.add_argument("--password", help="default: the PGPT_PASSWORD variable, else asked for")
     key = commands.add_parser("create-api-key", help="create an API key for a user and print it once")
     key.add_argument("--email", required=True)
     key.add_argument("--name", default="", help="a label to recognise the key by")
@@ -71,13 +77,15 @@ async def _manage(settings: Settings, args: argparse.Namespace) -> int:
     engine = create_engine(settings.sqlalchemy_url)
     try:
         async with create_sessionmaker(engine)() as db:
-            if args.command == "create-user":
+            password = ""
+            if args.command in ("create-user", "set-password"):
                 password = args.password or os.environ.get("PGPT_PASSWORD", "")
                 if not password and sys.stdin.isatty():
                     password = getpass.getpass(f"Password for {args.email}: ")
                 if not password:
                     print("error: give --password, or set PGPT_PASSWORD", file=sys.stderr)
                     return 1
+            if args.command == "create-user":
                 try:
                     user = await auth.create_user(
                         db, email=args.email, password=password, role=Role.ADMIN if args.admin else Role.USER
@@ -94,6 +102,14 @@ async def _manage(settings: Settings, args: argparse.Namespace) -> int:
                         file=sys.stderr,
                     )
                     return 1
+                if args.command == "set-password":
+                    try:
+                        await auth.set_password(db, user=found, password=password)
+                    except auth.UserError as error:
+                        print(f"error: {error}", file=sys.stderr)
+                        return 1
+                    print(f"new password set for {found.email}; their sessions and API keys are revoked")
+                    return 0
                 key, _ = await auth.create_api_key(db, user=found, secret=settings.secret(), name=args.name)
                 print(key)
     finally:
@@ -176,8 +192,10 @@ def serve(settings: Settings) -> int:
             return 130
     print(f"Private GPT: http://{settings.host}:{settings.port}", flush=True)
     # One worker process: it owns the GPU; concurrency comes from the engine and asyncio.
+    # Forwarded headers are applied inside the app (app.main.DirectPeer), after it has noted the
+    # connection's own address for the trusted-proxy sign-in.
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, proxy_headers=True, log_level="info"
+        create_app(settings), host=settings.host, port=settings.port, proxy_headers=False, log_level="info"
     )
     return 0
 

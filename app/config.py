@@ -7,14 +7,16 @@ reads the environment at import time.
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Any, Self
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.llm.prompts import DEFAULT_SYSTEM_PROMPT
 
@@ -89,6 +91,38 @@ class Settings(BaseSettings):
     # When set, GET /metrics answers only `Authorization: Bearer <token>` (metrics show how much the
     # server is used, and when); empty leaves it open, for a scraper inside the private network.
     metrics_token: SecretStr | None = None
+    # The addresses uvicorn takes X-Forwarded-For / -Proto from (the same variable uvicorn reads),
+    # comma-separated; "*" trusts every peer.
+    forwarded_allow_ips: str = "127.0.0.1"
+
+    # Sign-in through a reverse proxy that authenticates people and names them in request headers.
+    # Honoured only on connections whose direct peer (the TCP address, never X-Forwarded-For) is in
+    # TRUSTED_PROXY_ADDRESSES: addresses or CIDR networks, comma-separated. Empty: off.
+    trusted_proxy_addresses: Annotated[list[ipaddress.IPv4Network | ipaddress.IPv6Network], NoDecode] = []
+    proxy_user_header: str = "X-Forwarded-Email"  # the user's email
+    proxy_name_header: str = ""  # their display name (optional; empty: not read)
+    proxy_groups_header: str = "X-Forwarded-Groups"  # their groups, comma-separated (empty: not read)
+
+    # OpenID Connect sign-in (authorization code flow with PKCE). OIDC_ISSUER is the provider's
+    # issuer URL (its discovery document is ISSUER/.well-known/openid-configuration) or the
+    # discovery document's own URL. Empty: off.
+    oidc_issuer: str = ""
+    oidc_client_id: str = ""
+    oidc_client_secret: SecretStr | None = None
+    oidc_scopes: str = "openid email profile"
+    oidc_groups_claim: str = "groups"  # the ID token (or userinfo) claim listing the user's groups
+    oidc_provider_name: str = "single sign-on"  # the login page shows "Sign in with <this>"
+    # The callback URL registered at the provider. Empty: derived from the request
+    # (<scheme>://<host>/login/oidc/callback), which is right unless a proxy rewrites the host.
+    oidc_redirect_uri: str = ""
+
+    # Members of any of these groups (from the proxy header or the OIDC claim) get the admin role,
+    # everyone else who signs in that way the user role, at every sign-in. Empty: roles are left
+    # as they are (new users are plain users).
+    admin_groups: Annotated[list[str], NoDecode] = []
+    # People signing in for the first time through the proxy or OIDC wait for an admin's approval
+    # (on /admin/users) before they can chat or use the API.
+    new_users_require_approval: bool = False
 
     @field_validator("database_url")
     @classmethod
@@ -98,6 +132,37 @@ class Settings(BaseSettings):
                 "must start with sqlite:/// or postgresql:// (other databases are not supported)"
             )
         return value
+
+    @field_validator("trusted_proxy_addresses", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        networks = []
+        for item in (part.strip() for part in value.split(",")):
+            if not item:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError(
+                    f"{item!r} is not an IP address or CIDR network (example: 10.0.0.5,10.1.0.0/16)"
+                ) from None
+        return networks
+
+    @field_validator("admin_groups", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("proxy_user_header", "proxy_name_header", "proxy_groups_header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        if value and not all(c.isalnum() or c in "-_" for c in value):
+            raise ValueError(f"{value!r} is not an HTTP header name")
+        return value.lower()
 
     @field_validator("secret_key")
     @classmethod
@@ -127,9 +192,26 @@ class Settings(BaseSettings):
                 raise ValueError(
                     "MODEL_ID must be set in production (the demo model is for trying things out)"
                 )
+        if self.trusted_proxy_addresses and not self.proxy_user_header:
+            raise ValueError("PROXY_USER_HEADER must name the header carrying the user's email")
+        if self.oidc_issuer:
+            issuer = urlsplit(self.oidc_issuer)
+            if issuer.scheme not in ("https", "http") or not issuer.netloc:
+                raise ValueError("OIDC_ISSUER must be the provider's https:// URL")
+            local = issuer.hostname in ("localhost", "127.0.0.1", "::1")
+            if issuer.scheme == "http" and not local and self.environment is Environment.PRODUCTION:
+                raise ValueError("OIDC_ISSUER must use https:// in production")
+            if not self.oidc_client_id:
+                raise ValueError("OIDC_CLIENT_ID must be set with OIDC_ISSUER (the provider issues it)")
+            if "openid" not in self.oidc_scopes.split():
+                raise ValueError("OIDC_SCOPES must include openid")
         if self.max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("MAX_NEW_TOKENS must not exceed MAX_NEW_TOKENS_LIMIT")
         return self
+
+    @property
+    def oidc_enabled(self) -> bool:
+        return bool(self.oidc_issuer)
 
     @property
     def uses_demo_model(self) -> bool:
@@ -187,7 +269,7 @@ def sync_database_url(url: str) -> str:
 
 
 # Never echoed back in an error message: it would land in logs.
-SECRET_FIELDS = frozenset({"SECRET_KEY", "METRICS_TOKEN"})
+SECRET_FIELDS = frozenset({"SECRET_KEY", "METRICS_TOKEN", "OIDC_CLIENT_SECRET"})
 
 
 class ConfigError(SystemExit):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -11,8 +13,11 @@ from fastapi import Depends, HTTPException, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import service as auth
+from app.auth.proxy import DIRECT_PEER
 from app.models import AuthSession, User
 from app.services import Services
+
+log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "pgpt_session"
 LOGIN_CSRF_COOKIE = "pgpt_login_csrf"
@@ -27,6 +32,17 @@ class LoginRequired(Exception):
 
 class ApiAuthError(Exception):
     """No valid API key; /v1 routes answer 401 in OpenAI's error format."""
+
+
+APPROVAL_PENDING = "your account is waiting for an administrator's approval"
+
+
+class ApprovalPending(Exception):
+    """Signed in, but waiting for an admin's approval; HTML routes answer with the waiting page."""
+
+    def __init__(self, session: AuthSession) -> None:
+        super().__init__(APPROVAL_PENDING)
+        self.session = session
 
 
 def get_services(request: Request) -> Services:
@@ -46,6 +62,23 @@ DbDep = Annotated[AsyncSession, Depends(get_db)]
 
 
 async def get_auth_session(request: Request, db: DbDep, services: ServicesDep) -> AuthSession | None:
+    """The request's sign-in: the trusted proxy's headers when it names someone, else the cookie."""
+    proxy = services.trusted_proxy
+    if proxy is not None:
+        peer = request.scope.get(DIRECT_PEER)
+        identity = proxy.identity(peer[0] if peer else None, request.headers)
+        if identity is not None:
+            try:
+                return await auth.proxy_session(
+                    db,
+                    identity,
+                    services.sign_in_policy,
+                    secret=services.secret,
+                    ttl=timedelta(hours=services.settings.session_ttl_hours),
+                )
+            except auth.UserError as error:
+                log.warning("ignored the trusted proxy's %s header: %s", proxy.user_header, error)
+                return None
     token = request.cookies.get(SESSION_COOKIE)
     if not token:
         return None
@@ -55,11 +88,21 @@ async def get_auth_session(request: Request, db: DbDep, services: ServicesDep) -
 OptionalSession = Annotated[AuthSession | None, Depends(get_auth_session)]
 
 
-async def require_session(request: Request, session: OptionalSession) -> AuthSession:
+async def require_signed_in(request: Request, session: OptionalSession) -> AuthSession:
     if session is None:
         raise LoginRequired()
     if request.method in UNSAFE_METHODS:
         await check_csrf(request, session.csrf_token)
+    return session
+
+
+# Signed in, approved or not: only for signing out.
+AnySession = Annotated[AuthSession, Depends(require_signed_in)]
+
+
+async def require_session(session: AnySession) -> AuthSession:
+    if not session.user.is_approved:
+        raise ApprovalPending(session)
     return session
 
 
@@ -95,6 +138,8 @@ async def require_api_user(request: Request, db: DbDep, services: ServicesDep) -
     user = await auth.resolve_api_key(db, key=key.strip(), secret=services.secret)
     if user is None:
         raise ApiAuthError("invalid API key")
+    if not user.is_approved:
+        raise HTTPException(403, APPROVAL_PENDING)
     return user
 
 

@@ -10,7 +10,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
@@ -19,13 +19,15 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from app.auth.proxy import DIRECT_PEER
 from app.config import Settings, get_settings
-from app.deps import ApiAuthError, LoginRequired
+from app.deps import ApiAuthError, ApprovalPending, LoginRequired
 from app.observability import RecordHttpMetrics, ServerMetrics
 from app.openai_protocol import error_body
 from app.routes import admin, auth, chat, health, metrics, openai_api
-from app.routes.html import is_htmx
+from app.routes.html import is_htmx, render
 from app.services import build_services
 
 log = logging.getLogger(__name__)
@@ -138,6 +140,26 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class DirectPeer:
+    """Records the connection's own peer address, then applies X-Forwarded-For/-Proto from the
+    peers in FORWARDED_ALLOW_IPS (uvicorn's ProxyHeadersMiddleware, run here instead of in uvicorn).
+
+    The trusted-proxy sign-in must judge the address that actually connected: once uvicorn has
+    replaced it with a forwarded one, a local proxy's users would look like strangers, and a
+    forwarded address would decide who is trusted.
+    """
+
+    def __init__(self, app: ASGIApp, *, forwarded_allow_ips: str) -> None:
+        # uvicorn types ASGI with its own (stricter, equivalent) aliases.
+        proxied = ProxyHeadersMiddleware(cast(Any, app), trusted_hosts=forwarded_allow_ips)
+        self.app = cast(ASGIApp, proxied)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope[DIRECT_PEER] = scope.get("client")
+        await self.app(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     # One registry per app, shared by the HTTP middleware (installed now) and the engine (built in
@@ -163,8 +185,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         UploadLimit, max_bytes=openai_api.MAX_REQUEST_BYTES, prefixes=("/v1/",), refusal=_api_body_refusal
     )
     app.add_middleware(SecurityHeaders)
-    # Outermost, so it sees every answer, the other middleware's refusals included.
+    # Outside the others, so it sees every answer, the other middleware's refusals included.
     app.add_middleware(RecordHttpMetrics, metrics=server_metrics.http)
+    # Outermost: the first to see the connection's address (serve() turns uvicorn's own off).
+    app.add_middleware(DirectPeer, forwarded_allow_ips=settings.forwarded_allow_ips)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     routers = (
         health.router,
@@ -208,6 +232,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         if request.method == "GET" and "text/event-stream" not in request.headers.get("accept", ""):
             return Response(status_code=303, headers={"Location": target})
         return JSONResponse({"detail": "sign in first"}, status_code=401)
+
+    @app.exception_handler(ApprovalPending)
+    async def approval_pending(request: Request, error: ApprovalPending) -> Response:
+        if is_htmx(request):
+            return Response(status_code=403, headers={"HX-Redirect": "/"})
+        if request.method == "GET" and "text/event-stream" not in request.headers.get("accept", ""):
+            services = request.app.state.services
+            return render(request, services, "pages/pending.html", session=error.session, status_code=403)
+        return JSONResponse({"detail": str(error)}, status_code=403)
 
     @app.exception_handler(ApiAuthError)
     async def api_auth(_: Request, error: ApiAuthError) -> Response:

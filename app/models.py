@@ -51,6 +51,12 @@ class Role(enum.StrEnum):
     USER = "user"
 
 
+class SignInMethod(enum.StrEnum):
+    PASSWORD = "password"  # the login form
+    PROXY = "proxy"  # headers from a trusted reverse proxy (TRUSTED_PROXY_ADDRESSES)
+    OIDC = "oidc"  # OpenID Connect
+
+
 class MessageRole(enum.StrEnum):
     SYSTEM = "system"
     USER = "user"
@@ -81,10 +87,22 @@ class User(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     email: Mapped[str] = mapped_column(String(320), unique=True)
+    # Empty for people who sign in through the proxy or OIDC: no password matches it.
     password_hash: Mapped[str] = mapped_column(String(255))
     role: Mapped[Role] = mapped_column(_enum(Role, "user_role"), default=Role.USER)
     is_active: Mapped[bool] = mapped_column(default=True)
+    # False while a new user waits for an admin (NEW_USERS_REQUIRE_APPROVAL).
+    is_approved: Mapped[bool] = mapped_column(default=True)
+    display_name: Mapped[str] = mapped_column(String(200), default="")
+    # The groups the proxy or the OIDC provider named at the last sign-in, as a JSON list of
+    # strings (for ADMIN_GROUPS, and for restricting adapters to groups).
+    groups: Mapped[list[str]] = mapped_column(default=list)
+    # How the account came to be: the CLI (password), or a first sign-in through the proxy or OIDC.
+    source: Mapped[SignInMethod] = mapped_column(
+        _enum(SignInMethod, "sign_in_method"), default=SignInMethod.PASSWORD
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_sign_in_at: Mapped[datetime | None] = mapped_column(default=None)
 
     @property
     def is_admin(self) -> bool:
@@ -100,6 +118,9 @@ class AuthSession(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     csrf_token: Mapped[str] = mapped_column(String(64))
+    method: Mapped[SignInMethod] = mapped_column(
+        _enum(SignInMethod, "session_method"), default=SignInMethod.PASSWORD
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)

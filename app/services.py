@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app.auth.oidc import OidcClient
+from app.auth.proxy import TrustedProxy
+from app.auth.service import SignInPolicy
 from app.chat.conversations import mark_interrupted_replies
 from app.chat.jobs import JobManager
 from app.chat.render import loss_sparkline, render_markdown
@@ -50,6 +53,10 @@ class Services:
     catalog: Catalog
     intake: Intake
     metrics: ServerMetrics
+    # Enterprise sign-in, each None when not configured.
+    trusted_proxy: TrustedProxy | None = None
+    oidc: OidcClient | None = None
+    sign_in_policy: SignInPolicy = field(default_factory=SignInPolicy)
 
     @property
     def reply_settings(self) -> ReplySettings:
@@ -147,4 +154,10 @@ async def build_services(settings: Settings, *, metrics: ServerMetrics) -> Servi
         catalog=catalog,
         intake=intake,
         metrics=metrics,
+        trusted_proxy=TrustedProxy.from_settings(settings),
+        oidc=OidcClient(settings, secret=secret) if settings.oidc_enabled else None,
+        sign_in_policy=SignInPolicy(
+            admin_groups=frozenset(settings.admin_groups),
+            require_approval=settings.new_users_require_approval,
+        ),
     )

@@ -118,8 +118,9 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(settings)
         config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
-        )
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
+            proxy_headers=False,  # as `python -m app serve`: the app applies forwarded headers itself
+        )  # fmt: skip
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

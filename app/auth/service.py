@@ -2,21 +2,33 @@
 
 Session tokens and API keys are random; the database keeps only an HMAC of each, keyed with
 SECRET_KEY, so a copy of the database alone lets no one in.
+
+People sign in with a password (the login form), through a trusted reverse proxy's headers, or
+through OpenID Connect. The last two arrive here as an `ExternalIdentity`: `sign_in_external`
+creates the account on first sight (with no usable password), keeps its display name and groups
+current, and maps groups to roles (ADMIN_GROUPS). Changing a password or disabling a user ends
+every session and API key they hold.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.passwords import burn_verification_time, hash_password, verify_password
-from app.models import ApiKey, AuthSession, Role, User, utcnow
+from app.models import ApiKey, AuditEvent, AuthSession, Role, SignInMethod, User, utcnow
+
+log = logging.getLogger(__name__)
 
 API_KEY_PREFIX = "pgpt-"
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
@@ -57,11 +69,97 @@ async def create_user(db: AsyncSession, *, email: str, password: str, role: Role
 
 async def authenticate(db: AsyncSession, *, email: str, password: str) -> User | None:
     user = await get_user_by_email(db, email)
-    if user is None:
+    if user is None or not user.password_hash:  # unknown, or signs in through the proxy or OIDC
         burn_verification_time(password)
         return None
     if not verify_password(user.password_hash, password) or not user.is_active:
         return None
+    user.last_sign_in_at = utcnow()
+    return user
+
+
+# -- sign-in through the proxy or OpenID Connect -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExternalIdentity:
+    """Who a trusted reverse proxy or an OpenID provider says is signing in."""
+
+    email: str
+    display_name: str
+    groups: tuple[str, ...]
+    method: SignInMethod
+
+
+@dataclass(frozen=True)
+class SignInPolicy:
+    """What the settings say about people who sign in through the proxy or OIDC."""
+
+    admin_groups: frozenset[str] = frozenset()
+    require_approval: bool = False
+
+    def role_for(self, groups: Sequence[str], current: Role) -> Role:
+        # Without ADMIN_GROUPS roles are managed by hand (the CLI), so a sign-in leaves them alone.
+        if not self.admin_groups:
+            return current
+        return Role.ADMIN if self.admin_groups.intersection(groups) else Role.USER
+
+
+def parse_groups(value: str) -> tuple[str, ...]:
+    """Groups from a comma-separated header, in order, without blanks or repeats."""
+    return tuple(dict.fromkeys(group.strip() for group in value.split(",") if group.strip()))
+
+
+def _is_current(user: User, identity: ExternalIdentity, policy: SignInPolicy) -> bool:
+    return (
+        list(user.groups) == list(identity.groups)
+        and (not identity.display_name or user.display_name == identity.display_name)
+        and user.role is policy.role_for(identity.groups, user.role)
+    )
+
+
+async def sign_in_external(db: AsyncSession, identity: ExternalIdentity, policy: SignInPolicy) -> User:
+    """Find or create the identity's user and bring its name, groups and role up to date.
+
+    Returns the user even when disabled or waiting for approval: the caller decides what they may
+    do. Raises UserError when the identity's email is not an email address.
+    """
+    email = normalize_email(identity.email)
+    user = await get_user_by_email(db, email)
+    if user is None:
+        role = policy.role_for(identity.groups, Role.USER)
+        user = User(
+            email=email,
+            password_hash="",
+            role=role,
+            # Membership of an ADMIN_GROUPS group is the organisation's own approval (and someone
+            # has to be able to approve the others).
+            is_approved=not policy.require_approval or role is Role.ADMIN,
+            display_name=identity.display_name[:200],
+            groups=list(identity.groups),
+            source=identity.method,
+            last_sign_in_at=utcnow(),
+        )
+        db.add(user)
+        try:
+            await db.commit()
+        except IntegrityError:  # the same person's other request created the account first
+            await db.rollback()
+            found = await get_user_by_email(db, email)
+            if found is None:
+                raise
+            return await sign_in_external(db, identity, policy)
+        log.info("created %s on first sign-in through %s", email, identity.method.value)
+        return user
+    role = policy.role_for(identity.groups, user.role)
+    if role is not user.role:
+        db.add(_audit(None, "user.role", email, role=role.value, groups=list(identity.groups)))
+    user.role = role
+    user.groups = list(identity.groups)
+    if identity.display_name:
+        user.display_name = identity.display_name[:200]
+    user.last_sign_in_at = utcnow()
+    await db.commit()
     return user
 
 
@@ -70,7 +168,12 @@ async def count_users(db: AsyncSession) -> int:
 
 
 async def start_session(
-    db: AsyncSession, *, user: User, secret: bytes, ttl: timedelta
+    db: AsyncSession,
+    *,
+    user: User,
+    secret: bytes,
+    ttl: timedelta,
+    method: SignInMethod = SignInMethod.PASSWORD,
 ) -> tuple[str, AuthSession]:
     """Create a sign-in session; returns the cookie token (shown once) and the row."""
     token = secrets.token_urlsafe(32)
@@ -79,10 +182,46 @@ async def start_session(
         user_id=user.id,
         csrf_token=secrets.token_urlsafe(32),
         expires_at=utcnow() + ttl,
+        method=method,
     )
     db.add(session)
     await db.commit()
     return token, session
+
+
+async def proxy_session(
+    db: AsyncSession, identity: ExternalIdentity, policy: SignInPolicy, *, secret: bytes, ttl: timedelta
+) -> AuthSession | None:
+    """The session of a request the trusted proxy vouches for; None for a disabled user.
+
+    The proxy names the user on every request, so there is no cookie: the user's live proxy
+    session (the oldest, so concurrent first requests settle on one) carries the CSRF token of
+    their pages. A new one (a sign-in) is made when none is live or the proxy's groups or name
+    changed; the steady state is one read per request.
+    """
+    user = await get_user_by_email(db, identity.email)
+    if user is not None and not user.is_active:
+        return None
+    session = None
+    if user is not None:
+        session = await db.scalar(
+            select(AuthSession)
+            .where(
+                AuthSession.user_id == user.id,
+                AuthSession.method == SignInMethod.PROXY,
+                AuthSession.revoked_at.is_(None),
+                AuthSession.expires_at > utcnow(),
+            )
+            .order_by(AuthSession.created_at, AuthSession.id)
+            .limit(1)
+        )
+    if user is None or session is None or not _is_current(user, identity, policy):
+        user = await sign_in_external(db, identity, policy)
+        if session is None and user.is_active:
+            _, session = await start_session(db, user=user, secret=secret, ttl=ttl, method=SignInMethod.PROXY)
+    if session is None or not user.is_active:
+        return None
+    return session
 
 
 async def resolve_session(db: AsyncSession, *, token: str, secret: bytes) -> AuthSession | None:
@@ -117,6 +256,69 @@ async def resolve_api_key(db: AsyncSession, *, key: str, secret: bytes) -> User 
     row.last_used_at = utcnow()
     await db.commit()
     return row.user
+
+
+# -- administration -----------------------------------------------------------------------------------
+
+
+async def list_users(db: AsyncSession) -> Sequence[User]:
+    """Everyone, those waiting for approval first."""
+    return (await db.scalars(select(User).order_by(User.is_approved, User.email))).all()
+
+
+async def end_all_sign_ins(db: AsyncSession, user: User) -> None:
+    """Revoke every session and API key of `user` (committed by the caller)."""
+    now = utcnow()
+    await db.execute(
+        update(AuthSession)
+        .where(AuthSession.user_id == user.id, AuthSession.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+    await db.execute(
+        update(ApiKey).where(ApiKey.user_id == user.id, ApiKey.revoked_at.is_(None)).values(revoked_at=now)
+    )
+
+
+async def set_password(db: AsyncSession, *, user: User, password: str, actor: User | None = None) -> None:
+    """Give `user` a new password, and sign them out everywhere: whoever knew the old one (or holds
+    a session or key made with it) is out."""
+    try:
+        user.password_hash = hash_password(password)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    await end_all_sign_ins(db, user)
+    db.add(_audit(actor, "user.password", user.email))
+    await db.commit()
+
+
+async def set_active(db: AsyncSession, *, user: User, active: bool, actor: User | None = None) -> None:
+    """Enable or disable `user`; disabling ends every session and API key they hold."""
+    if actor is not None and actor.id == user.id and not active:
+        raise UserError("you cannot disable your own account; ask another administrator")
+    user.is_active = active
+    if not active:
+        await end_all_sign_ins(db, user)
+    db.add(_audit(actor, "user.enable" if active else "user.disable", user.email))
+    await db.commit()
+
+
+async def approve(db: AsyncSession, *, user: User, actor: User | None = None) -> None:
+    """Let a user who signed in for the first time chat and use the API."""
+    if user.is_approved:
+        return
+    user.is_approved = True
+    db.add(_audit(actor, "user.approve", user.email))
+    await db.commit()
+
+
+def _audit(actor: User | None, action: str, target: str, **details: object) -> AuditEvent:
+    return AuditEvent(
+        actor_id=actor.id if actor else None,
+        actor_email=actor.email if actor else "(sign-in)",
+        action=action,
+        target=target,
+        details=details,
+    )
 
 
 def _aware(moment: datetime) -> datetime:

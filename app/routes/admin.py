@@ -1,7 +1,8 @@
-"""Adapter administration: pages for admins in the browser, and the same actions as a JSON API.
+"""Administration: adapters (pages for admins in the browser, and the same actions as a JSON API),
+the audit log, and users (approve, disable, enable).
 
-Both call the same registry functions; the JSON API (under /api/admin, bearer API key of an
-admin) is documented in the OpenAPI schema at /docs.
+Both call the same registry and auth functions; the JSON API (under /api/admin, bearer API key of
+an admin) is documented in the OpenAPI schema at /docs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.auth import service as auth
 from app.deps import AdminApiUser, AdminSession, DbDep, ServicesDep
 from app.models import Adapter, AdapterVersion, User
 from app.registry import service
@@ -183,6 +185,45 @@ async def audit_page(request: Request, services: ServicesDep, db: DbDep, session
     return render(
         request, services, "pages/admin_audit.html", session=session, events=await service.audit_log(db)
     )
+
+
+USER_ACTIONS = ("approve", "disable", "enable")
+
+
+@pages.get("/users", response_class=HTMLResponse)
+async def users_page(request: Request, services: ServicesDep, db: DbDep, session: AdminSession) -> Response:
+    return render(
+        request, services, "pages/admin_users.html", session=session, users=await auth.list_users(db)
+    )
+
+
+@pages.post("/users/{user_id}", response_class=HTMLResponse)
+async def user_action_page(
+    request: Request,
+    services: ServicesDep,
+    db: DbDep,
+    session: AdminSession,
+    user_id: int,
+    action: Annotated[str, Form()],
+) -> Response:
+    """`approve` a user waiting for approval, `disable` one (ending all their sessions and API keys)
+    or `enable` one again."""
+    user = await db.get(User, user_id)
+    if user is None:
+        return notice(request, services, "No such user; reload the page.", status_code=404)
+    try:
+        if action == "approve":
+            await auth.approve(db, user=user, actor=session.user)
+        elif action in ("disable", "enable"):
+            await auth.set_active(db, user=user, active=action == "enable", actor=session.user)
+        else:
+            return notice(
+                request, services, f"Unknown action {action!r}; use one of {', '.join(USER_ACTIONS)}.",
+                status_code=422,
+            )  # fmt: skip
+    except auth.UserError as error:
+        return notice(request, services, sentence(error), status_code=409)
+    return render(request, services, "partials/users.html", session=session, users=await auth.list_users(db))
 
 
 def _status(error: Exception) -> int:

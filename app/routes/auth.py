@@ -1,4 +1,5 @@
-"""Sign-in and sign-out pages."""
+"""Sign-in and sign-out pages: the password form, OpenID Connect, and the page of people waiting
+for approval. (Sign-in through the trusted proxy's headers needs no page: app.deps reads them.)"""
 
 from __future__ import annotations
 
@@ -7,20 +8,23 @@ import secrets
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
 
 from app.auth import service as auth
+from app.auth.oidc import STATE_COOKIE, STATE_COOKIE_PATH, OidcClient, OidcError
 from app.deps import (
     CSRF_FIELD,
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
-    CurrentSession,
+    AnySession,
     DbDep,
     OptionalSession,
     ServicesDep,
 )
-from app.routes.html import redirect, render
+from app.models import AuthSession, SignInMethod, User
+from app.routes.html import redirect, render, sentence
+from app.services import Services
 
 router = APIRouter(tags=["auth"])
 
@@ -52,6 +56,7 @@ def _login_page(
         next_url=next_url,
         error=error,
         email=email,
+        oidc_name=services.oidc.provider_name if services.oidc else "",
         status_code=status,
     )
     response.set_cookie(
@@ -104,10 +109,22 @@ async def login(
             email=email,
             error="Wrong email or password.",
         )
-    token, _ = await auth.start_session(
-        db, user=user, secret=services.secret, ttl=timedelta(hours=services.settings.session_ttl_hours)
-    )
     response = redirect(request, safe_next(next))
+    await _start_session(response, services, db, user, SignInMethod.PASSWORD)
+    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
+    return response
+
+
+async def _start_session(
+    response: Response, services: Services, db: DbDep, user: User, method: SignInMethod
+) -> AuthSession:
+    token, session = await auth.start_session(
+        db,
+        user=user,
+        secret=services.secret,
+        ttl=timedelta(hours=services.settings.session_ttl_hours),
+        method=method,
+    )
     response.set_cookie(
         SESSION_COOKIE,
         token,
@@ -116,12 +133,74 @@ async def login(
         samesite="lax",
         secure=services.settings.cookie_secure,
     )
-    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
+    return session
+
+
+# -- OpenID Connect --------------------------------------------------------------------------------
+
+
+def _oidc(services: Services) -> OidcClient:
+    if services.oidc is None:
+        raise HTTPException(404, "sign-in with OpenID Connect is not set up on this server (OIDC_ISSUER)")
+    return services.oidc
+
+
+def _redirect_uri(request: Request, services: Services) -> str:
+    return services.settings.oidc_redirect_uri or str(request.url_for("oidc_callback"))
+
+
+@router.get("/login/oidc")
+async def oidc_begin(request: Request, services: ServicesDep, next: str = "/") -> Response:
+    """Send the browser to the OpenID provider (authorization code flow with PKCE)."""
+    oidc = _oidc(services)
+    try:
+        started = await oidc.begin(redirect_uri=_redirect_uri(request, services), next_url=safe_next(next))
+    except OidcError as error:
+        failed = f"Sign-in failed: {sentence(error)}"
+        return _login_page(request, services, next_url=safe_next(next), status=502, error=failed)
+    response = Response(status_code=303, headers={"Location": started.url})
+    # Lax, so the browser sends it back on the provider's top-level redirect to the callback.
+    response.set_cookie(
+        STATE_COOKIE,
+        started.cookie,
+        max_age=600,
+        httponly=True,
+        samesite="lax",
+        secure=services.settings.cookie_secure,
+        path=STATE_COOKIE_PATH,
+    )
+    return response
+
+
+@router.get("/login/oidc/callback", name="oidc_callback")
+async def oidc_callback(request: Request, services: ServicesDep, db: DbDep) -> Response:
+    """The provider sends the browser back here with a code; exchange it and sign the user in."""
+    oidc = _oidc(services)
+    try:
+        identity, next_url = await oidc.finish(
+            params=dict(request.query_params), cookie=request.cookies.get(STATE_COOKIE, "")
+        )
+        user = await auth.sign_in_external(db, identity, services.sign_in_policy)
+    except (OidcError, auth.UserError) as error:
+        failed = f"Sign-in failed: {sentence(error)}"
+        response: Response = _login_page(request, services, next_url="/", status=400, error=failed)
+        response.delete_cookie(STATE_COOKIE, path=STATE_COOKIE_PATH)
+        return response
+    if not user.is_active:
+        response = _login_page(
+            request, services, next_url="/", status=403,
+            error=f"The account {user.email} is disabled. Ask an administrator to enable it.",
+        )  # fmt: skip
+        response.delete_cookie(STATE_COOKIE, path=STATE_COOKIE_PATH)
+        return response
+    response = Response(status_code=303, headers={"Location": safe_next(next_url)})
+    await _start_session(response, services, db, user, SignInMethod.OIDC)
+    response.delete_cookie(STATE_COOKIE, path=STATE_COOKIE_PATH)
     return response
 
 
 @router.post("/logout")
-async def logout(request: Request, db: DbDep, session: CurrentSession) -> Response:
+async def logout(request: Request, db: DbDep, session: AnySession) -> Response:
     await auth.end_session(db, session)
     response = redirect(request, "/login")
     response.delete_cookie(SESSION_COOKIE)

@@ -112,6 +112,10 @@ MATRIX: dict[tuple[str, str], Entry] = {
     ("GET", "/login"): Entry("200", "303", "303", "303"),
     ("POST", "/login"): Entry("303", REFUSED, REFUSED, REFUSED),
     ("POST", "/logout"): Entry(SIGN_IN, "303", "303", "303"),
+    # OpenID Connect: open to all, but this server has no OIDC_ISSUER (tests/routes/test_sign_in.py
+    # drives the flow against a provider).
+    ("GET", "/login/oidc"): Entry(NOT_FOUND, NOT_FOUND, NOT_FOUND, NOT_FOUND),
+    ("GET", "/login/oidc/callback"): Entry(NOT_FOUND, NOT_FOUND, NOT_FOUND, NOT_FOUND),
     # The chat. Everyone signed in has a chat of their own; in user A's conversation only A.
     ("GET", "/"): Entry(SIGN_IN_PAGE, "200", "200", "200"),
     ("POST", "/c"): Entry(SIGN_IN, "204", "204", "204", form=CHAT, htmx=True),
@@ -143,6 +147,9 @@ MATRIX: dict[tuple[str, str], Entry] = {
     ("POST", "/admin/adapters/{name}/versions/{version}/{action}"): Entry(*ADMIN_ACTION, htmx=True),
     ("POST", "/admin/default-adapter"): Entry(*ADMIN_ACTION, form={"name": ""}, htmx=True),
     ("GET", "/admin/audit"): Entry(*ADMIN_PAGE),
+    # User administration (approving user A, who is approved already, changes nothing).
+    ("GET", "/admin/users"): Entry(*ADMIN_PAGE),
+    ("POST", "/admin/users/{user_id}"): Entry(*ADMIN_ACTION, form={"action": "approve"}, htmx=True),
     ("GET", "/api/admin/adapters"): Entry(*ADMIN_API),
     ("POST", "/api/admin/adapters/{name}/versions"): Entry(BEARER, REFUSED, REFUSED, "201", upload=True),
     ("POST", "/api/admin/adapters/{name}/versions/{version}/{action}"): Entry(*ADMIN_API),
@@ -286,11 +293,23 @@ def world(
 # -- sending one cell ------------------------------------------------------------------------------
 
 
+def user_id(world: World, email: str) -> str:
+    from app.auth.service import get_user_by_email
+
+    async def find(db: AsyncSession) -> str:
+        user = await get_user_by_email(db, email)
+        assert user is not None
+        return str(user.id)
+
+    return with_db(world.server.settings, find)
+
+
 def path_parameters(world: World, role: str, method: str, path: str) -> dict[str, str]:
     conversation, message = world.conversation, world.message
     if role == OWNER and method != "GET" and "{conversation_id}" in path:
         conversation, message = world.owner_conversation()  # A's own changes must not spoil the rest
     return {
+        "user_id": user_id(world, world.people[OWNER].email) if "{user_id}" in path else "",
         "conversation_id": conversation,
         "message_id": message,
         "name": ADAPTER,
