@@ -43,8 +43,13 @@ def render_markdown(text: str) -> Markup:
 
 
 def render_stream_text(text: str) -> str:
-    """A streamed delta as HTML text: escaped, shown as typed (the page keeps whitespace)."""
-    return escape(text, quote=False)
+    """A streamed delta as HTML text: escaped, shown as typed (the page keeps whitespace).
+
+    Carriage returns go as a character reference: SSE ends a line at a bare CR too, so a CR LF
+    split across two deltas would reach the page as two line breaks, and the streamed text would
+    no longer be the stored one.
+    """
+    return escape(text, quote=False).replace("\r", "&#13;")
 
 
 def loss_sparkline(curve: list[list[float]] | None, width: int = 160, height: int = 36) -> Markup:

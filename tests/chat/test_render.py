@@ -52,6 +52,11 @@ def test_streamed_text_is_escaped() -> None:
     assert render_stream_text("<b>& it's\n") == "&lt;b&gt;&amp; it's\n"
 
 
+def test_streamed_carriage_returns_survive_sse() -> None:
+    # SSE would end a line at the CR: a CR LF split over two deltas must not become two breaks.
+    assert [render_stream_text(part) for part in ("a\r", "\nb")] == ["a&#13;", "\nb"]
+
+
 def test_loss_sparkline_is_plain_svg() -> None:
     from app.chat.render import loss_sparkline
 
