@@ -171,7 +171,8 @@ class OidcClient:
             raise OidcError("the provider sent no ID token; OIDC_SCOPES must include openid")
         claims = await self._verified_claims(str(token["id_token"]), nonce=flow["nonce"], metadata=metadata)
         if not claims.get("email") or self.groups_claim not in claims:
-            claims = {**(await self._userinfo(token, metadata, subject=claims["sub"])), **claims}
+            info = await self._userinfo(token, metadata, subject=claims["sub"])
+            claims = {**info, **claims}  # the signed ID token wins where both say something
         return self._identity(claims), flow["next"]
 
     async def _verified_claims(

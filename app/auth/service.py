@@ -179,7 +179,7 @@ async def start_session(
     token = secrets.token_urlsafe(32)
     session = AuthSession(
         token_hash=keyed_hash(secret, token),
-        user_id=user.id,
+        user=user,
         csrf_token=secrets.token_urlsafe(32),
         expires_at=utcnow() + ttl,
         method=method,
