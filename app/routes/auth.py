@@ -21,6 +21,7 @@ from app.deps import (
     DbDep,
     OptionalSession,
     ServicesDep,
+    check_same_origin,
 )
 from app.models import AuthSession, SignInMethod, User
 from app.routes.html import redirect, render, sentence
@@ -89,6 +90,9 @@ async def login(
     csrf_token: Annotated[str, Form(alias=CSRF_FIELD)] = "",
     next: Annotated[str, Form()] = "/",
 ) -> Response:
+    # The double-submit token alone does not stop a sibling subdomain that plants its own cookie
+    # (login CSRF: the victim signed in to the attacker's account); another origin is refused too.
+    check_same_origin(request)
     cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
     if not cookie or not hmac.compare_digest(cookie, csrf_token):
         return _login_page(
