@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import openai
 
@@ -59,3 +60,35 @@ def test_invalid_settings_stop_with_a_message_naming_them(tmp_path: Path) -> Non
         database.returncode == 2
         and "DATABASE_URL: must start with sqlite:/// or postgresql://" in database.stderr
     )
+
+
+def test_set_password_signs_the_user_out_everywhere(tmp_path: Path) -> None:
+    from app.auth import service as auth
+    from app.config import Settings
+    from app.models import ApiKey
+    from tests.conftest import with_db
+
+    created = cli("create-user", "--email", "joe@example.com", "--password", "first-pass", data_dir=tmp_path)
+    assert created.returncode == 0, created.stderr
+    key = cli("create-api-key", "--email", "joe@example.com", data_dir=tmp_path).stdout.strip()
+    short = cli("set-password", "--email", "joe@example.com", "--password", "short", data_dir=tmp_path)
+    assert short.returncode == 1 and "at least 8 characters" in short.stderr
+    unknown = cli(
+        "set-password", "--email", "nobody@example.com", "--password", "long enough", data_dir=tmp_path
+    )
+    assert unknown.returncode == 1 and "no user with the email" in unknown.stderr
+
+    changed = cli(
+        "set-password", "--email", "joe@example.com", data_dir=tmp_path, PGPT_PASSWORD="second-pass"
+    )
+    assert changed.returncode == 0, changed.stderr
+    assert "sessions and API keys are revoked" in changed.stdout
+    settings = Settings(_env_file=None, data_dir=tmp_path)  # type: ignore[call-arg]
+
+    async def check(db: Any) -> None:
+        assert await auth.resolve_api_key(db, key=key, secret=settings.secret()) is None
+        assert (await db.get(ApiKey, 1)).revoked_at is not None
+        assert await auth.authenticate(db, email="joe@example.com", password="first-pass") is None
+        assert await auth.authenticate(db, email="joe@example.com", password="second-pass") is not None
+
+    with_db(settings, check)

@@ -32,3 +32,39 @@ def test_migrations_match_the_models_and_run_both_ways(database_url: str) -> Non
         upgrade_database(async_database_url(database_url))  # and forward again
     finally:
         engine.dispose()
+
+
+def test_sign_in_migration_keeps_existing_users_and_sessions_usable(database_url: str) -> None:
+    """0003 on a database with users: they stay approved password users, their sessions password ones."""
+    from sqlalchemy import text
+
+    config = alembic_config(async_database_url(database_url))
+    command.upgrade(config, "0002")
+    engine = create_engine(sync_url(database_url))
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO users (id, email, password_hash, role, is_active, created_at) "
+                    "VALUES (1, 'old@example.com', 'x', 'user', true, CURRENT_TIMESTAMP)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO auth_sessions (id, token_hash, user_id, csrf_token, created_at, expires_at) "
+                    "VALUES (1, 'h', 1, 'c', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                )
+            )
+        upgrade_database(async_database_url(database_url))
+        with engine.connect() as conn:
+            user = conn.execute(
+                text("SELECT is_approved, display_name, groups, source, last_sign_in_at FROM users")
+            ).one()
+            assert (bool(user[0]), user[1], user[3], user[4]) == (True, "", "password", None)
+            assert user[2] in ([], "[]")  # JSON: a list on PostgreSQL, its text on SQLite
+            assert conn.execute(text("SELECT method FROM auth_sessions")).scalar_one() == "password"
+        command.downgrade(config, "0002")  # and back, keeping the rows
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT email FROM users")).scalar_one() == "old@example.com"
+    finally:
+        engine.dispose()

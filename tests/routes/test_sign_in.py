@@ -543,3 +543,38 @@ def test_disabling_a_user_ends_every_session_and_api_key(sso_server: LiveServer)
     finally:
         for client in (member.client, proxy_browser, admin.client):
             client.close()
+
+
+# -- configuration ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"trusted_proxy_addresses": "10.0.0.300"}, "TRUSTED_PROXY_ADDRESSES: '10.0.0.300' is not an IP"),
+        ({"proxy_user_header": "X Email"}, "PROXY_USER_HEADER: 'X Email' is not an HTTP header name"),
+        ({"oidc_issuer": "https://login.example.com"}, "OIDC_CLIENT_ID must be set with OIDC_ISSUER"),
+        ({"oidc_issuer": "https://login.example.com", "oidc_client_id": "x", "oidc_scopes": "email"},
+         "OIDC_SCOPES must include openid"),
+        ({"oidc_issuer": "http://login.example.com", "oidc_client_id": "x", "environment": "production",
+          "secret_key": "s" * 32, "model_id": "/models/m"}, "OIDC_ISSUER must use https:// in production"),
+    ],
+)  # fmt: skip
+def test_sign_in_settings_are_checked_at_start(values: dict[str, Any], message: str) -> None:
+    from pydantic import ValidationError
+
+    from app.config import Settings, describe_validation_error
+
+    with pytest.raises(ValidationError) as error:
+        Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    assert message in describe_validation_error(error.value)
+
+
+async def test_an_unreachable_provider_is_an_error_that_names_it(tmp_path: Path) -> None:
+    from app.auth.oidc import OidcClient, OidcError
+
+    issuer = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    settings = make_settings(tmp_path, tmp_path, oidc_issuer=issuer, oidc_client_id=CLIENT_ID)
+    client = OidcClient(settings, secret=b"k" * 32)
+    with pytest.raises(OidcError, match=r"could not fetch the provider's discovery document from http://127"):
+        await client.begin(redirect_uri="http://127.0.0.1/login/oidc/callback", next_url="/")
