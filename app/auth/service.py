@@ -196,8 +196,9 @@ async def proxy_session(
 
     The proxy names the user on every request, so there is no cookie: the user's live proxy
     session (the oldest, so concurrent first requests settle on one) carries the CSRF token of
-    their pages. A new one (a sign-in) is made when none is live or the proxy's groups or name
-    changed; the steady state is one read per request.
+    their pages. When none is live, or the proxy's groups or name differ from the stored ones, the
+    request is a sign-in: the user is brought up to date (role included) and, if needed, a session
+    made. Otherwise a request costs two reads and no write.
     """
     user = await get_user_by_email(db, identity.email)
     if user is not None and not user.is_active:
