@@ -43,6 +43,11 @@ def _expanded_sdpa(
 ) -> Any:
     heads = query.shape[-3] if query.dim() == 4 else 0
     if heads > 1 and key.dim() == 4 and key.shape[-3] == 1 and not kwargs.get("enable_gqa", False):
+        if query.shape[-2] == 1 and not args and not kwargs.get("is_causal", False):
+            # One new token per row (a decoding step): its heads are as many queries against the one
+            # key head, so fold them into the query length. Same attention, nothing expanded, and
+            # a [rows, 1, 1, keys] mask broadcasts over them.
+            return _outside(query.transpose(-3, -2), key, value, **kwargs).transpose(-3, -2)
         key = key.expand(-1, heads, -1, -1)
         value = value.expand(-1, heads, -1, -1)
         if query.is_cuda:

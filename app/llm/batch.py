@@ -1,114 +1,206 @@
-"""The decoding batch: many sequences' KV caches side by side, so one forward pass serves them all.
+"""The decoding batch: every decoding sequence's KV cache as one row of fixed buffers.
 
-Sequences join after their prompt is prefilled (alone, in its own cache) and leave when they
-finish, at any step (continuous batching). The batch keeps one transformers `DynamicCache` whose
-rows are the sequences, aligned on the right: a shorter sequence is padded on the left, and the
-attention mask hides the padding. Each row keeps its own position ids, so a row's attention and
-rotary positions are exactly what they would be alone.
+Sequences join after their prompt is prefilled (in a cache of its own, app/llm/engine.py) and
+leave when they finish, at any step (continuous batching). Their caches live in a `SlotCache`: per
+layer one key and one value buffer of [rows, kv heads, length, head dim]. Sequence i is row i, and
+its token at position p sits in column p, so each row keeps its own positions with no padding to
+line rows up; a step writes every row's new token at that row's own column, and the attention mask
+hides the columns past each row's position. When a sequence leaves, the last rows move up into its
+place, so the live rows are always 0..n-1.
 
-Left padding costs memory only where sequences differ in length, and rows that leave take their
-padding with them (columns that every remaining row pads are dropped). For multi-query models such
-as Falcon-7B a token's cache is small (2 x 1 head x 64 x 32 layers x 2 bytes = 8 KiB), so 32
-sequences of 1,280 tokens, padding included, take about 320 MiB.
+Fixed buffers give the decoding step fixed shapes, which is what lets it be captured in a CUDA
+graph and replayed (app/llm/graphs.py): the forward pass of a Falcon-7B-shaped model launches
+hundreds of small kernels per token, and launched one by one from Python they, not the GPU, set the
+speed of a small batch. A graph is kept per batch size (rounded up to a bucket; spare rows compute
+on a free row and are thrown away), per buffer length, and per adapter set-up.
+
+Memory: the buffers hold `max_running` rows of the longest sequence so far, rounded up to a power
+of two (up to the context window). Falcon-7B's multi-query attention keeps a token in 8 KiB
+(2 x 1 head x 64 x 32 layers x 2 bytes), so 32 rows of 2,048 tokens take 512 MiB; a model with
+full multi-head attention pays its heads' worth more.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from app.llm.graphs import DecodeGraphs
+
+FIRST_LENGTH = 256  # columns of the first buffers; they double as sequences grow
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
-def cache_tensors(cache: Any) -> list[Any]:
-    """The cache's per-layer holders of `keys` and `values` ([rows, heads, length, dim] tensors)."""
-    return list(cache.layers)
+class SlotCache:
+    """Per layer, key and value buffers [rows, kv heads, length, head dim]; row r is one sequence.
+
+    It stands in for transformers' `Cache` in a decoding step (the decoder layers call `update`,
+    the model `get_seq_length`): `update` writes each row's new key and value at that row's column
+    (`write_at`) and returns the first `batch` rows, `columns` wide, for attention.
+    """
+
+    def __init__(self, like: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: int, length: int) -> None:
+        self.keys = [k.new_zeros((rows, k.shape[1], length, k.shape[3])) for k, _ in like]
+        self.values = [v.new_zeros((rows, v.shape[1], length, v.shape[3])) for _, v in like]
+        device = self.keys[0].device
+        self.row_ids = torch.arange(rows, device=device)
+        # Set for each forward pass by DecodeBatch:
+        self.batch = 0  # rows taking part
+        self.write_at = torch.zeros(0, dtype=torch.long, device=device)  # [batch] each row's new column
+        self.columns = length  # columns attention reads
+
+    @property
+    def length(self) -> int:
+        return int(self.keys[0].shape[2])
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # every row has its own length; the step passes positions explicitly
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one new token per row ([batch, kv heads, 1, head dim]) and return the rows' caches."""
+        rows = self.row_ids[: self.batch]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[rows, :, self.write_at] = key[:, :, 0]
+        values[rows, :, self.write_at] = value[:, :, 0]
+        return keys[: self.batch, :, : self.columns], values[: self.batch, :, : self.columns]
+
+    def put(
+        self, row: int, like: Sequence[tuple[torch.Tensor, torch.Tensor]], length: int, start: int
+    ) -> None:
+        """Copy a prefilled sequence's cache (`length` tokens from column `start` of a one-row
+        cache, per layer) into `row`."""
+        for (k, v), keys, values in zip(like, self.keys, self.values, strict=True):
+            keys[row, :, :length] = k[0, :, start : start + length]
+            values[row, :, :length] = v[0, :, start : start + length]
+
+    def gather(self, rows: Sequence[int]) -> None:
+        """Rows `rows` (ascending) become rows 0..len-1."""
+        index = torch.tensor(list(rows), device=self.row_ids.device)
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[: len(rows)] = buffer.index_select(0, index)
+
+    def grow(self, length: int) -> None:
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                new = old.new_zeros((*old.shape[:2], length, old.shape[3]))
+                new[:, :, : old.shape[2]] = old
+                buffers[i] = new
+
+
+def prefill_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A transformers cache's (keys, values) per layer."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 class DecodeBatch:
-    """Rows of sequences decoding together; `rows[i]` owns row i of the cache and the mask."""
+    """Rows of sequences decoding together; `rows[i]` owns row i of the cache."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, *, capacity: int, max_length: int, cuda_graphs: bool) -> None:
         self.device = device
+        self.capacity = capacity  # the most rows at once (the engine's max_running)
+        self.max_length = max_length  # the context window: no row grows past it
         self.rows: list[Any] = []
-        self.cache: Any = None
-        self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)  # 1: a real token, 0: padding
-        self.positions: list[int] = []  # the position id of each row's next token
+        self.positions: list[int] = []  # the position of each row's next token (= its cache length)
+        self.cache: SlotCache | None = None
+        # Each step's inputs, in one device tensor so the host copies them with one transfer, and so
+        # a graph's replay reads them from the same memory every time: token, position, adapter slot.
+        self._inputs = torch.zeros((3, capacity), dtype=torch.long, device=device)
+        self._column_ids = torch.zeros(0, dtype=torch.long, device=device)
+        self.graphs = DecodeGraphs(device) if cuda_graphs and device.type == "cuda" else None
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    @property
-    def length(self) -> int:
-        return int(self.mask.shape[1])
-
-    def add(self, row: Any, cache: Any, length: int) -> None:
-        """Add a prefilled sequence: `cache` holds its `length` tokens (one row)."""
-        mask = torch.ones((1, length), dtype=torch.long, device=self.device)
-        if not self.rows:
-            self.rows, self.cache, self.mask, self.positions = [row], cache, mask, [length]
-            return
-        width = max(self.length, length)
-        self._pad_left(self.cache, width - self.length)
-        self._pad_left(cache, width - length)
-        for mine, theirs in zip(cache_tensors(self.cache), cache_tensors(cache), strict=True):
-            mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
-            mine.values = torch.cat([mine.values, theirs.values], dim=0)
-        self.mask = torch.cat(
-            [F.pad(self.mask, (width - self.length, 0)), F.pad(mask, (width - length, 0))], dim=0
-        )
+    def add(self, row: Any, cache: Any, length: int, start: int = 0) -> None:
+        """Add a prefilled sequence: `cache` (a transformers cache of one row) holds its `length`
+        tokens from column `start` (prompts prefilled together are packed end to end)."""
+        layers = prefill_layers(cache)
+        if self.cache is None:
+            self.cache = SlotCache(layers, self.capacity, self._length_for(length + 1, FIRST_LENGTH))
+        self._reserve(length + 1)
+        self.cache.put(len(self.rows), layers, length, start)
         self.rows.append(row)
         self.positions.append(length)
 
     def keep(self, indices: Sequence[int]) -> None:
-        """Keep only these rows (in this order), then drop columns that are padding in every row."""
-        if len(indices) == len(self.rows):
+        """Keep only these rows (ascending), moved up to rows 0..len-1."""
+        if list(indices) == list(range(len(self.rows))):
             return
-        if not indices:
-            self.rows, self.cache, self.positions = [], None, []
-            self.mask = self.mask[:0, :0]
-            return
-        index = torch.tensor(list(indices), device=self.device)
-        for layer in cache_tensors(self.cache):
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
-        self.mask = self.mask.index_select(0, index)
+        if indices and self.cache is not None:
+            self.cache.gather(indices)
         self.rows = [self.rows[i] for i in indices]
         self.positions = [self.positions[i] for i in indices]
-        padded_everywhere = int((self.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())
-        if padded_everywhere:
-            for layer in cache_tensors(self.cache):
-                layer.keys = layer.keys[:, :, padded_everywhere:]
-                layer.values = layer.values[:, :, padded_everywhere:]
-            self.mask = self.mask[:, padded_everywhere:]
 
-    def step_inputs(self, tokens: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Inputs for one decoding step that feeds each row its next token."""
-        ones = torch.ones((len(self.rows), 1), dtype=torch.long, device=self.device)
-        return {
-            "input_ids": torch.tensor([[t] for t in tokens], device=self.device),
-            "attention_mask": torch.cat([self.mask, ones], dim=1),
-            "position_ids": torch.tensor([[p] for p in self.positions], device=self.device),
-        }
+    def step(
+        self,
+        tokens: Sequence[int],
+        slots: Sequence[int] | None,
+        forward: Callable[..., Any],
+        structure: Hashable = None,
+    ) -> torch.Tensor:
+        """One forward pass feeding row i `tokens[i]` (adapter slot `slots[i]`; None: no adapters).
 
-    def advance(self) -> None:
-        """After a step's forward: every row holds one more token."""
-        ones = torch.ones((len(self.rows), 1), dtype=torch.long, device=self.device)
-        self.mask = torch.cat([self.mask, ones], dim=1)
+        `forward(slots, **model_inputs)` runs the model; `structure` names what a captured graph
+        depends on besides the shapes (the adapters' buffers). Returns the next-token logits,
+        [rows, vocab]. On failure nothing has moved: the step can be run again.
+        """
+        assert self.cache is not None
+        n = len(self.rows)
+        self._reserve(max(self.positions) + 1)
+        batch = n if self.graphs is None else _bucket(n, self.capacity)
+        host = torch.zeros((3, batch), dtype=torch.long)
+        host[0, :n] = torch.tensor(tokens)
+        host[1, :n] = torch.tensor(self.positions)
+        if slots is not None:
+            host[2, :n] = torch.tensor(slots)
+        self._inputs[:, :batch].copy_(host, non_blocking=True)
+        with_lora = slots is not None
+
+        def run(columns: int) -> torch.Tensor:
+            return self._forward(batch, columns, forward, with_lora)
+
+        if self.graphs is None:
+            logits = run(max(self.positions) + 1)  # eager: attention reads only the columns in use
+        else:
+            length = self.cache.length
+            logits = self.graphs.run((structure, length), (batch, with_lora), lambda: run(length))
         self.positions = [p + 1 for p in self.positions]
+        return logits[:n]
 
-    def truncate(self, length: int) -> None:
-        """Undo a failed step: cut every layer back to `length` tokens (some may have grown)."""
-        for layer in cache_tensors(self.cache):
-            if layer.keys is not None and layer.keys.shape[2] > length:
-                layer.keys = layer.keys[:, :, :length]
-                layer.values = layer.values[:, :, :length]
+    def _forward(
+        self, batch: int, columns: int, forward: Callable[..., Any], with_lora: bool
+    ) -> torch.Tensor:
+        assert self.cache is not None
+        tokens, positions, slots = self._inputs[:, :batch]
+        cache = self.cache
+        cache.batch, cache.write_at, cache.columns = batch, positions, columns
+        mask = self._column_ids[:columns] <= positions[:, None]  # [batch, columns]: True where a row looks
+        out = forward(
+            slots if with_lora else None,
+            input_ids=tokens[:, None],
+            position_ids=positions[:, None],
+            attention_mask=mask[:, None, None, :],
+            cache=cache,
+        )
+        return out.logits[:, -1]
 
-    @staticmethod
-    def _pad_left(cache: Any, amount: int) -> None:
-        if amount <= 0:
-            return
-        for layer in cache_tensors(cache):
-            layer.keys = F.pad(layer.keys, (0, 0, amount, 0))
-            layer.values = F.pad(layer.values, (0, 0, amount, 0))
+    def _reserve(self, length: int) -> None:
+        assert self.cache is not None
+        if length > self.cache.length:
+            self.cache.grow(self._length_for(length, self.cache.length * 2))
+        if self._column_ids.numel() != self.cache.length:
+            self._column_ids = torch.arange(self.cache.length, device=self.device)
+
+    def _length_for(self, needed: int, at_least: int) -> int:
+        length = max(at_least, 1 << (needed - 1).bit_length())
+        return max(needed, min(length, self.max_length))
+
+
+def _bucket(rows: int, capacity: int) -> int:
+    """The batch size a graph is kept for: the smallest bucket that holds `rows`, within capacity."""
+    return min(next((b for b in BATCH_BUCKETS if b >= rows), rows), max(capacity, rows))

@@ -40,7 +40,9 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from app.llm.adapters import AdapterFiles, AdapterRef, AdapterUnavailable, ResidentAdapters, read_adapter
+from app.llm.attention import multi_query_attention
 from app.llm.batch import DecodeBatch
+from app.llm.graphs import make_capturable
 from app.llm.loader import LoadedModel
 from app.llm.metrics import EngineMetrics
 
@@ -241,6 +243,7 @@ class GenerationEngine:
         max_adapters: int = 8,
         max_batch_tokens: int | None = None,
         prefill_chunk: int = 2048,
+        cuda_graphs: bool = True,
         metrics: EngineMetrics | None = None,
     ) -> None:
         self.model = model
@@ -260,7 +263,11 @@ class GenerationEngine:
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []  # admitted: prefilling or in the decode batch
         self._prefilling: collections.deque[_Sequence] = collections.deque()
-        self._batch = DecodeBatch(model.device)
+        self._batch = DecodeBatch(
+            model.device, capacity=max_running, max_length=model.context_window, cuda_graphs=cuda_graphs
+        )
+        if self._batch.graphs is not None:
+            make_capturable(model.model)
         self._calls: list[Callable[[], None]] = []  # work for the worker thread between rounds
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -465,56 +472,127 @@ class GenerationEngine:
         self._batch.keep([i for i, seq in enumerate(self._batch.rows) if not seq.done])
 
     def _prefill(self) -> None:
+        """Prefill up to `prefill_chunk` prompt tokens: whole prompts packed into one forward pass,
+        a prompt longer than what is left of the budget in chunks over several rounds."""
         budget = self.prefill_chunk
         while self._prefilling and budget > 0:
             seq = self._prefilling[0]
             if seq.done:
                 self._prefilling.popleft()
                 continue
-            chunk = seq.prompt[seq.fed : seq.fed + budget]
-            started = time.perf_counter()
-            try:
-                if seq.cache is None:
-                    from transformers import DynamicCache
-
-                    seq.cache = DynamicCache(config=self.model.model.config)
-                out = self.adapters.forward(
-                    [seq.adapter_key],
-                    input_ids=torch.tensor([chunk], device=self.model.device),
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **{self._cache_kwarg: seq.cache},
-                )
-                seq.fed += len(chunk)
-                budget -= len(chunk)
-                self.metrics.prefill(len(chunk), time.perf_counter() - started)
-                if seq.fed < seq.prompt_len:
+            if seq.fed or seq.prompt_len > budget:
+                budget -= self._prefill_chunk(seq, budget)
+                if seq.fed and seq.fed < seq.prompt_len:
                     return  # the rest of this prompt in the next rounds
-                self._prefilling.popleft()
-                token = sample_token(out.logits[0, -1], seq.params, seq.generator)
-            except Exception as error:  # one request's failure must not take down the others
-                self._fail(seq, error)
                 continue
-            if self._accept(seq, token):
-                seq.next_token = token
-                self._batch.add(seq, seq.cache, seq.prompt_len)
-                seq.cache = None
+            group: list[_Sequence] = []
+            while self._prefilling and (self._prefilling[0].done or (
+                not self._prefilling[0].fed and self._prefilling[0].prompt_len <= budget
+            )):  # fmt: skip
+                seq = self._prefilling.popleft()
+                if not seq.done:
+                    group.append(seq)
+                    budget -= seq.prompt_len
+            self._prefill_packed(group)
+
+    def _prefill_chunk(self, seq: _Sequence, budget: int) -> int:
+        """Feed the next `budget` tokens of one prompt into its own cache; returns the tokens fed."""
+        chunk = seq.prompt[seq.fed : seq.fed + budget]
+        started = time.perf_counter()
+        try:
+            if seq.cache is None:
+                seq.cache = self._new_cache()
+            out = self._forward(
+                self._slots([seq]), input_ids=torch.tensor([chunk], device=self.model.device), cache=seq.cache
+            )
+            seq.fed += len(chunk)
+            self.metrics.prefill(len(chunk), time.perf_counter() - started)
+            if seq.fed < seq.prompt_len:
+                return len(chunk)
+            self._prefilling.remove(seq)
+            token = sample_token(out.logits[0, -1], seq.params, seq.generator)
+        except Exception as error:  # one request's failure must not take down the others
+            self._fail(seq, error)
+            return len(chunk)
+        self._join(seq, token, seq.cache)
+        return len(chunk)
+
+    def _prefill_packed(self, group: list[_Sequence]) -> None:
+        """Several whole prompts in one forward pass, packed end to end into one row.
+
+        A forward pass costs the same Python and kernel launches for ten tokens as for a thousand,
+        so prompts that arrive together go in together. Each attends only to itself (a
+        block-diagonal causal mask) at its own positions, and each token's LoRA is its request's.
+        """
+        device = self.model.device
+        lengths = [seq.prompt_len for seq in group]
+        starts = [sum(lengths[:i]) for i in range(len(group))]
+        segment = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(lengths)).to(device)
+        order = torch.arange(len(segment), device=device)
+        visible = (segment[:, None] == segment[None, :]) & (order[:, None] >= order[None, :])
+        slots = self.adapters.slots([seq.adapter_key for seq in group])
+        started = time.perf_counter()
+        try:
+            cache = self._new_cache()
+            out = self._forward(
+                None
+                if slots is None
+                else torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)).to(device)[None, :],
+                input_ids=torch.tensor([[t for seq in group for t in seq.prompt]], device=device),
+                position_ids=torch.cat([torch.arange(n) for n in lengths]).to(device)[None, :],
+                attention_mask=visible[None, None],
+                cache=cache,
+                logits_to_keep=torch.tensor(
+                    [start + n - 1 for start, n in zip(starts, lengths, strict=True)]
+                ),
+            )
+            self.metrics.prefill(sum(lengths), time.perf_counter() - started)
+            tokens = [
+                sample_token(out.logits[0, i], seq.params, seq.generator) for i, seq in enumerate(group)
+            ]
+        except Exception as error:
+            if len(group) == 1:
+                self._fail(group[0], error)
+                return
+            log.warning(
+                "packed prefill of %d prompts failed (%s); prefilling them one by one", len(group), error
+            )
+            self._prefilling.extendleft(reversed(group))
+            for seq in group:
+                self._prefill_chunk(seq, seq.prompt_len)
+            return
+        for seq, token, start in zip(group, tokens, starts, strict=True):
+            self._join(seq, token, cache, start)
+
+    def _join(self, seq: _Sequence, token: int, cache: Any, start: int = 0) -> None:
+        """A prompt is in: stream its first token and move its cache into the decoding batch."""
+        seq.cache = None
+        if self._accept(seq, token):
+            seq.next_token = token
+            self._batch.add(seq, cache, seq.prompt_len, start)
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.model.config)
+
+    def _slots(self, seqs: Sequence[_Sequence]) -> torch.Tensor | None:
+        slots = self.adapters.slots([seq.adapter_key for seq in seqs])
+        return None if slots is None else torch.tensor(slots, device=self.model.device)
 
     def _decode(self) -> None:
         """One forward pass for the whole batch; each row samples its next token."""
         rows = self._batch.rows
-        length = self._batch.length
         started = time.perf_counter()
         try:
-            out = self.adapters.forward(
-                [seq.adapter_key for seq in rows],
-                **self._batch.step_inputs([seq.next_token for seq in rows]),
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_kwarg: self._batch.cache},
+            logits = self._batch.step(
+                [seq.next_token for seq in rows],
+                self.adapters.slots([seq.adapter_key for seq in rows]),
+                self._forward,
+                structure=self.adapters.lora.version,
             )
+            greedy = logits.argmax(dim=-1).tolist()  # one device sync for every greedy row
         except Exception as error:
-            self._batch.truncate(length)  # layers that ran before the failure grew by a token
             if isinstance(error, torch.OutOfMemoryError) and len(rows) > 1:
                 # Make room by ending the newest sequence alone; the others retry next round.
                 self._fail(rows[-1], error)
@@ -522,9 +600,6 @@ class GenerationEngine:
                 for seq in rows:
                     self._fail(seq, error)
             return
-        self._batch.advance()
-        logits = out.logits[:, -1]
-        greedy = logits.argmax(dim=-1).tolist()  # one device sync for every greedy row
         for row, seq in enumerate(rows):
             sampled = seq.params.temperature >= GREEDY_BELOW
             token = sample_token(logits[row], seq.params, seq.generator) if sampled else greedy[row]
@@ -533,6 +608,18 @@ class GenerationEngine:
         with self._cond:
             waiting = len(self._waiting)
         self.metrics.step(len(rows), waiting, len(rows), time.perf_counter() - started)
+
+    def _forward(
+        self, slots: torch.Tensor | None, *, cache: Any, logits_to_keep: int | torch.Tensor = 1, **inputs: Any
+    ) -> Any:
+        """A forward pass of prefill or decoding: LoRA by slot (per row, or per token), and the
+        logits of the last position (or of the positions `logits_to_keep` lists)."""
+        # Multi-query attention through fused kernels, without expanding keys in decoding steps
+        # (app/llm/attention.py); within a CUDA graph's capture too.
+        with multi_query_attention():
+            return self.adapters.run(
+                slots, use_cache=True, logits_to_keep=logits_to_keep, **inputs, **{self._cache_kwarg: cache}
+            )
 
     def _accept(self, seq: _Sequence, token: int) -> bool:
         """Stream a sampled token; False when it ended the sequence."""

@@ -80,6 +80,8 @@ async def test_a_held_adapter_is_never_evicted_under_its_request(model: LoadedMo
                 prompt(model), SamplingParams(max_tokens=150, temperature=0), adapter=adapters["finance"]
             )
         )
+        # a holds the only slot (b, asked for before that, could go first while a's files are read)
+        await anext(long_a)
         b_waits = asyncio.ensure_future(run(engine, model, adapters["hr"]))
         await asyncio.sleep(0.2)
         assert not b_waits.done() and engine.load() == {"running": 1, "waiting": 1}

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from app.llm.adapters import BASE, AdapterRef
+from app.llm.batch import FIRST_LENGTH
 from app.llm.engine import GenerationEngine, GenerationRequest, SamplingParams
 from app.llm.loader import LoadedModel, ModelSpec, load_model
 from app.llm.metrics import EngineMetrics
@@ -160,3 +161,70 @@ async def test_the_kv_budget_holds_a_request_back_until_there_is_room(tiny_model
     assert one.finish_reason == two.finish_reason == "length"
     assert max(size for kind, size in record.events if kind == "step") == 1, "never two in the batch"
     assert two.time_to_first_token_s is not None and two.time_to_first_token_s >= one.duration_s * 0.9
+
+
+async def test_rows_that_leave_and_buffers_that_grow_change_no_replys_tokens(
+    tiny_model_dir: Path, adapters: dict[str, AdapterRef]
+) -> None:
+    """A middle row leaves first (the row after it moves up into its place) and the longest reply
+    outgrows the first KV buffers (they grow mid-decode): every reply is still the plain recipe's."""
+    cases = [(QUESTIONS[2], "finance", FIRST_LENGTH + 10), (QUESTIONS[1], None, 12), (QUESTIONS[5], "hr", 60)]
+    expected = [plain_recipe(tiny_model_dir, adapters, [(q, a)], tokens=n)[0] for q, a, n in cases]
+
+    model = load_model(ModelSpec(str(tiny_model_dir), device="cpu"))
+    record = Record()
+    engine = GenerationEngine(model, max_running=4, max_adapters=4, metrics=record)
+    engine.start()
+    try:
+        streams = []
+        for question, adapter, tokens in cases:
+            ref = adapters[adapter] if adapter else None
+            request = GenerationRequest(
+                prompt(model, question), SamplingParams(tokens, temperature=0), adapter=ref
+            )
+            streams.append(engine.submit(request))
+            first = await anext(streams[-1])  # in the batch before the next one comes: rows in this order
+            streams[-1].first = first.text  # type: ignore[attr-defined]
+        replies = []
+        for stream in streams:
+            text, result = await stream.collect()
+            assert result.finish_reason == "length", result
+            replies.append(stream.first + text)  # type: ignore[attr-defined]
+        grown = engine._batch.cache.length if engine._batch.cache is not None else 0
+    finally:
+        engine.shutdown()
+    assert replies == expected
+    assert grown > FIRST_LENGTH
+    assert max(size for kind, size in record.events if kind == "step") == 3
+
+
+async def test_prompts_that_arrive_together_prefill_in_one_pass_with_their_own_adapters(
+    tiny_model_dir: Path, adapters: dict[str, AdapterRef]
+) -> None:
+    cases = [(q, [None, "finance", "hr"][i % 3]) for i, q in enumerate(QUESTIONS)]
+    expected = plain_recipe(tiny_model_dir, adapters, cases, tokens=16)
+
+    model = load_model(ModelSpec(str(tiny_model_dir), device="cpu"))
+    record = Record()
+    engine = GenerationEngine(model, max_running=8, max_adapters=4, metrics=record)
+    engine.start()
+    try:
+        for name in ("finance", "hr"):  # resident first, so no request waits for its files
+            await engine.submit(
+                GenerationRequest(prompt(model, "Hi"), SamplingParams(1), adapter=adapters[name])
+            ).collect()
+        record.events.clear()
+        requests = [
+            GenerationRequest(
+                prompt(model, q), SamplingParams(16, temperature=0), adapter=adapters[a] if a else None
+            )
+            for q, a in cases
+        ]
+        streams = [engine.submit(request) for request in requests]  # all before the worker's next round
+        replies = [(await stream.collect())[0] for stream in streams]
+    finally:
+        engine.shutdown()
+    assert replies == expected
+    prefills = [tokens for kind, tokens in record.events if kind == "prefill"]
+    assert prefills[0] > max(len(request.prompt_ids) for request in requests), f"packed: {prefills}"
+    assert sum(prefills) == sum(len(request.prompt_ids) for request in requests)
