@@ -22,8 +22,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app.auth.proxy import DIRECT_PEER
+from app.chat.conversations import MAX_MESSAGE_CHARS
 from app.config import Settings, get_settings
 from app.deps import ApiAuthError, ApprovalPending, LoginRequired
+from app.form_text import FormText
 from app.observability import RecordHttpMetrics, ServerMetrics
 from app.openai_protocol import error_body
 from app.routes import admin, auth, chat, health, metrics, openai_api
@@ -33,6 +35,9 @@ from app.services import build_services
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+# A chat message of MAX_MESSAGE_CHARS four-byte characters, percent-encoded, is 12 bytes a character:
+# 384 kB, well within.
+BROWSER_FORM_BYTES = 2**20
 
 # No inline script or style anywhere: the vendored htmx runs with eval and inline styles off.
 SECURITY_HEADERS = [
@@ -65,17 +70,20 @@ class UploadLimit:
         max_bytes: int,
         prefixes: tuple[str, ...],
         refusal: Callable[[str], dict[str, Any]] = _upload_refusal,
+        skip: tuple[str, ...] = (),
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.prefixes = prefixes
         self.refusal = refusal
+        self.skip = skip  # prefixes under `prefixes` that another limit looks after
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] != "http"
             or scope["method"] != "POST"
             or not scope["path"].startswith(self.prefixes)
+            or scope["path"].startswith(self.skip)
         ):
             await self.app(scope, receive, send)
             return
@@ -176,6 +184,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.services.close()
 
     app = FastAPI(title="Private GPT", version="0.1.0", lifespan=lifespan)
+    # Innermost: it reads along as the routes read the body, once the limits below let it in.
+    app.add_middleware(FormText)
+    # Browser forms carry a message, a title, a name: without a limit of their own a form's
+    # fields (1 MB each, 1000 of them) were read into memory before the session was looked at.
+    app.add_middleware(
+        UploadLimit,
+        max_bytes=BROWSER_FORM_BYTES,
+        prefixes=("/",),
+        skip=("/v1/", "/api/", "/admin/adapters"),
+        refusal=_form_refusal,
+    )
     app.add_middleware(
         UploadLimit,
         max_bytes=settings.max_adapter_upload_mb * 2**20 + 2**20,  # the archive plus the form's other fields
@@ -203,6 +222,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     _add_error_handlers(app)
     return app
+
+
+def _form_refusal(limit: str) -> dict[str, Any]:
+    return {
+        "detail": f"the form is larger than this server accepts ({limit}); "
+        f"shorten the text (a chat message can be at most {MAX_MESSAGE_CHARS} characters)"
+    }
 
 
 def _api_body_refusal(limit: str) -> dict[str, Any]:

@@ -71,6 +71,8 @@ async def list_adapters(db: AsyncSession) -> Sequence[Adapter]:
 
 
 async def get_adapter(db: AsyncSession, name: str) -> Adapter:
+    if "\x00" in name:  # PostgreSQL refuses a NUL in a query (a 500); no adapter's name has one
+        raise RegistryError(f"there is no adapter named {name!r}", 404)
     adapter = await db.scalar(
         select(Adapter).options(selectinload(Adapter.versions)).where(Adapter.name == name)
     )
