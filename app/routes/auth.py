@@ -32,7 +32,15 @@ router = APIRouter(tags=["auth"])
 
 def safe_next(target: str | None) -> str:
     """Only same-site paths: `next` must not send a freshly signed-in user to another site."""
-    if target and target.startswith("/") and not target.startswith(("//", "/\\")):
+    # Browsers drop tabs and line breaks from a URL ("/\t/evil.example" is "//evil.example" to
+    # them), and a Location header holds printable ASCII only (else a 500): anything else goes home.
+    if (
+        target
+        and target.isascii()
+        and target.isprintable()
+        and target.startswith("/")
+        and not target.startswith(("//", "/\\"))
+    ):
         return target
     return "/"
 

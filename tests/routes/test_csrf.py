@@ -214,3 +214,53 @@ def test_the_sign_in_form_refuses_forged_posts(world: World, attack: str) -> Non
         expected = "cross-origin request refused" if attack == "other origin" else "The sign-in form expired"
         assert expected.lower() in response.text.lower()
         assert "pgpt_session" not in response.cookies and accounts(world) == before
+
+
+# -- the session itself --------------------------------------------------------------------------------
+
+# Paths a browser reads as another site, or that no Location header can carry.
+OFF_SITE_NEXT = [
+    "/\t/evil.example",  # browsers drop tabs and line breaks from a URL: "//evil.example"
+    "/\n/evil.example",
+    "/\r\n/evil.example",
+    "/\t\\evil.example",
+    "/\x00/evil.example",
+    "/caf\u00e9/\u65e5\u672c",  # not Latin-1: the header could not be written at all
+]
+
+
+@pytest.mark.parametrize("target", OFF_SITE_NEXT, ids=[repr(t) for t in OFF_SITE_NEXT])
+def test_next_never_leads_off_site_after_sign_in(world: World, target: str) -> None:
+    email = world.people[OWNER].email
+    with httpx.Client(base_url=world.server.url) as browser:
+        token = login_token(browser)
+        form = {"email": email, "password": PASSWORD, CSRF_FIELD: token, "next": target}
+        signed_in = browser.post("/login", data=form)
+        if "\x00" in target:  # no form field may hold one (app/form_text.py): sign in without it
+            assert signed_in.status_code == 400 and "NUL" in signed_in.text
+            signed_in = browser.post("/login", data={**form, "next": "/"})
+        assert signed_in.status_code == 303 and signed_in.headers["location"] == "/", signed_in.text
+        # Signed in, the form itself sends the browser on to `next`.
+        again = browser.get("/login", params={"next": target})
+        assert again.status_code == 303 and again.headers["location"] == "/", again.text
+
+
+def test_sign_in_sets_a_fresh_httponly_session_cookie_whatever_the_browser_held(world: World) -> None:
+    """No session fixation: a cookie planted before sign-in is replaced, and scripts cannot read it."""
+    email = world.people[OWNER].email
+    with httpx.Client(base_url=world.server.url) as browser:
+        browser.cookies.set("pgpt_session", "planted-by-someone-else")
+        token = login_token(browser)
+        response = browser.post("/login", data={"email": email, "password": PASSWORD, CSRF_FIELD: token})
+        assert response.status_code == 303
+        session_cookie = next(
+            c for c in response.headers.get_list("set-cookie") if c.startswith("pgpt_session=")
+        )
+        assert "httponly" in session_cookie.lower() and "samesite=lax" in session_cookie.lower()
+        value = session_cookie.split(";", 1)[0].split("=", 1)[1]
+        assert value and value != "planted-by-someone-else"
+        # The page's CSRF token is its own secret: not the session cookie, and not another session's.
+    with httpx.Client(base_url=world.server.url, cookies={"pgpt_session": value}) as browser:
+        page = browser.get("/").text
+        found = re.search(r'"X-CSRF-Token": "([^"]+)"', page)
+        assert found and found.group(1) not in (value, world.people[OWNER].member.csrf)
