@@ -54,10 +54,15 @@ def render_stream_text(text: str) -> str:
 
 def loss_sparkline(curve: list[list[float]] | None, width: int = 160, height: int = 36) -> Markup:
     """A training loss curve as a small inline SVG (no script, so the page's CSP allows it)."""
-    if not curve or len(curve) < 2:
+    if not isinstance(curve, list) or len(curve) < 2:
         return Markup("")
-    steps = [float(point[0]) for point in curve]
-    losses = [float(point[1]) for point in curve]
+    try:
+        steps = [float(point[0]) for point in curve]
+        losses = [float(point[1]) for point in curve]
+    except (TypeError, ValueError, IndexError, KeyError):
+        # A manifest's metrics are stored as its author wrote them: a curve that is not
+        # [step, loss] pairs of numbers is left out, not a 500 on the adapters page.
+        return Markup("")
     low, high = min(losses), max(losses)
     span_x, span_y = (steps[-1] - steps[0]) or 1.0, (high - low) or 1.0
     points = " ".join(

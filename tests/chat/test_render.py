@@ -65,3 +65,10 @@ def test_loss_sparkline_is_plain_svg() -> None:
     assert "loss from 4 to 1 over 3 steps" in svg
     assert {tag for tag, _ in elements(svg)} == {"svg", "title", "polyline"}
     assert str(loss_sparkline(None)) == "" and str(loss_sparkline([[1, 2.0]])) == ""
+
+
+def test_a_loss_curve_that_is_not_number_pairs_draws_nothing() -> None:
+    from app.chat.render import loss_sparkline
+
+    for curve in ("<script>", [["<b>", 1], [2, 3]], [[1], [2]], [{"a": 1}, {"b": 2}], {"x": 1, "y": 2}):
+        assert str(loss_sparkline(curve)) == ""  # type: ignore[arg-type]
