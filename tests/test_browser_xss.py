@@ -8,8 +8,10 @@ Every payload is delivered where the product shows text it did not write:
     per-delta escaping, htmx's swap and the final Markdown render see the corpus token by token,
     cut every few characters so tags and entities arrive in halves;
   - as conversation titles (the sidebar, the header, the rename form, a rename through the page);
-  - as adapter names and notes (the admin pages, the audit log, both adapter pickers in the chat,
-    and a refused upload whose notice repeats the name).
+  - as adapter names, notes, metrics and sources (the admin pages, the audit log, both adapter
+    pickers in the chat, and a refused upload whose notice repeats the name);
+  - as the names, groups and emails single sign-on reports for people (the waiting page, the users
+    page and an approval through it, the audit log, the chat's account line).
 Each page load carries the whole corpus at once. Execution is caught three ways: a dialog (every
 payload calls alert(N)), a window flag, and the browser's own Content-Security-Policy violation
 events (something the sanitizer let through that only the CSP stopped is a failure too). On top,
@@ -103,7 +105,7 @@ AUDIT = """
   const none = new Set();
   for (const selector of ['#transcript .streaming-text', '#conversation-list a', '.chat-header h1',
                           'select option', '.adapter h2 .name', '.adapter td.notes', 'table.audit-log td',
-                          '#notice p.error'])
+                          '#notice p.error', '#users td:nth-child(-n+4)', 'main.login strong'])
     check(selector, none);
   for (const el of document.querySelectorAll('#notice > *'))
     if (!el.matches('p.error')) problems.push('#notice holds <' + el.localName + '>');
@@ -406,6 +408,83 @@ def test_payloads_as_adapter_names_and_notes_never_run(
         page.click("#upload button[type=submit]")
         expect(page.locator("#notice")).to_contain_text(f"{text!r} is not a valid adapter name")
         assert_nothing_ran(page, f"the refused upload named {text!r}")
+
+
+# -- people from single sign-on ------------------------------------------------------------------------
+
+
+def test_payloads_as_names_emails_and_groups_from_single_sign_on_never_run(
+    page: Page, server: LiveServer
+) -> None:
+    """An OpenID provider or proxy says who someone is: their name, groups and (whitespace-free) email."""
+    from datetime import timedelta
+
+    from app.auth import service as auth
+    from app.models import SignInMethod
+
+    watch(page)
+    tag = uuid.uuid4().hex[:6]
+    policy = auth.SignInPolicy(require_approval=True)
+
+    def email_from(text: str) -> str:  # what normalize_email lets through: no whitespace, one @
+        return re.sub(r"[\s@]", "", text).lower()[:200] + f"@{tag}.example"
+
+    async def arrive(db: AsyncSession) -> tuple[list[Any], str]:
+        people = []
+        for text in TEXTS:
+            identity = auth.ExternalIdentity(
+                email_from(text), text, (text, f"plain-{tag}"), SignInMethod.OIDC
+            )
+            user = await auth.sign_in_external(db, identity, policy)
+            people.append((str(user.id), user.email, user.display_name))
+        waiting = await auth.get_user_by_email(db, email_from(TEXTS[1]))
+        assert waiting is not None and not waiting.is_approved
+        token, _ = await auth.start_session(
+            db,
+            user=waiting,
+            secret=server.settings.secret(),
+            ttl=timedelta(hours=1),
+            method=SignInMethod.OIDC,
+        )
+        return people, token
+
+    people, token = in_db(server, arrive)
+
+    # One of them, signed in and waiting for approval, sees their own name and email.
+    page.context.add_cookies([{"name": "pgpt_session", "value": token, "url": server.url}])
+    page.goto(f"{server.url}/")
+    expect(page.locator("h1")).to_have_text("Waiting for approval")
+    assert_nothing_ran(page, "the waiting page")
+    assert as_parsed(TEXTS[1]) in (page.locator("main strong").text_content() or "")
+
+    # An admin sees them all, and approves that one through the page.
+    admin = f"admin-{tag}@example.com"
+    create_user(server.settings, admin, admin=True)
+    admin_page = page.context.browser.new_context().new_page()  # type: ignore[union-attr]
+    admin_page.dialogs = []  # type: ignore[attr-defined]
+    admin_page.on("dialog", lambda d: (admin_page.dialogs.append(d.message), d.dismiss()))  # type: ignore[attr-defined]
+    admin_page.add_init_script(WATCH)
+    admin_page.goto(f"{server.url}/login")
+    admin_page.fill("input[name=email]", admin)
+    admin_page.fill("input[name=password]", PASSWORD)
+    admin_page.click("button[type=submit]")
+    expect(admin_page).to_have_url(f"{server.url}/")
+    admin_page.goto(f"{server.url}/admin/users")
+    assert_nothing_ran(admin_page, "the users page")
+    for user_id, email, name in people:
+        cells = admin_page.locator(f"#user-{user_id} td")
+        assert cells.nth(0).text_content() == email and cells.nth(1).text_content() == as_parsed(name)
+    admin_page.locator(f"#user-{people[1][0]} button", has_text="Approve").click()
+    expect(admin_page.locator(f"#user-{people[1][0]}")).to_contain_text("active")
+    assert_nothing_ran(admin_page, "the users page after an approval")
+    admin_page.goto(f"{server.url}/admin/audit")
+    assert_nothing_ran(admin_page, "the audit log of the approval")
+    admin_page.context.close()
+
+    # Approved, they chat: their email is in the sidebar.
+    page.goto(f"{server.url}/")
+    expect(page.locator(".account .muted")).to_have_text(people[1][1])
+    assert_nothing_ran(page, "the chat of a person with a hostile name")
 
 
 def test_the_alarms_go_off_for_markup_that_does_run(page: Page, server: LiveServer) -> None:
