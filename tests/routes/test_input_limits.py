@@ -314,3 +314,15 @@ def test_a_nul_where_an_adapter_name_goes_is_a_404(site: Site) -> None:
     for response in (api, default):
         assert response.status_code == 404 and "no adapter named" in response.text, response.text
     assert site.snapshot()[:4] == before[:4]  # (the API key added one row elsewhere)
+
+
+@pytest.mark.parametrize(("method", "path"), COOKIE_ROUTES, ids=[f"{m} {p}" for m, p in COOKIE_ROUTES])
+def test_the_token_in_a_form_that_is_not_utf8_is_refused(site: Site, method: str, path: str) -> None:
+    """The CSRF check reads the form itself on routes that take no other field: it is checked too."""
+    body = b"csrf_token=" + site.member.csrf.encode() + b"&note=%FF%00"
+    before = site.snapshot()
+    response = site.member.client.request(
+        method, site.url(path), content=body, headers={"Content-Type": FORM, "HX-Request": "true"}
+    )
+    site.assert_refused_and_unchanged(response, before, status=400)
+    assert "the form field 'note' is not UTF-8" in response.json()["detail"]
