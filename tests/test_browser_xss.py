@@ -227,6 +227,17 @@ def test_payloads_as_messages_replies_and_titles_never_run(page: Page, server: L
     assert page.title().startswith(" ".join(TEXTS[-1].split()))
     assert_nothing_ran(page, "the renamed conversation")
 
+    # A refusal repeats what was sent: an adapter no one published, named by a payload.
+    for text in (TEXTS[1], TEXTS[24]):
+        page.evaluate(
+            "text => { const s = document.querySelector('#adapter-picker select');"
+            " s.append(new Option(text, text)); s.value = text;"
+            " s.dispatchEvent(new Event('change', {bubbles: true})); }",
+            text,
+        )
+        expect(page.locator("#notice")).to_contain_text(f"The model '{text}' does not exist")
+        assert_nothing_ran(page, f"the refusal of the adapter {text!r}")
+
 
 # -- model output, streamed --------------------------------------------------------------------------
 
