@@ -124,6 +124,13 @@ class Settings(BaseSettings):
     # (on /admin/users) before they can chat or use the API.
     new_users_require_approval: bool = False
 
+    # Limits on what each person asks of the model (0: unlimited); admins override them per user on
+    # /admin/users. Requests that ask for a reply (a chat message, a regenerate, a chat completion)
+    # per minute per user, and per API key within that; prompt + completion tokens per user per UTC day.
+    rate_limit_per_minute: Annotated[int, Field(ge=0)] = 0
+    api_key_rate_limit_per_minute: Annotated[int, Field(ge=0)] = 0
+    daily_token_quota: Annotated[int, Field(ge=0)] = 0
+
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, value: str) -> str:

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import service as auth
 from app.auth.proxy import DIRECT_PEER
-from app.models import AuthSession, User
+from app.models import ApiKey, AuthSession, User
 from app.services import Services
 
 log = logging.getLogger(__name__)
@@ -135,17 +135,25 @@ async def check_csrf(request: Request, expected: str) -> None:
         raise HTTPException(403, "missing or invalid CSRF token; reload the page and try again")
 
 
-async def require_api_user(request: Request, db: DbDep, services: ServicesDep) -> User:
+async def require_api_key(request: Request, db: DbDep, services: ServicesDep) -> ApiKey:
     # Only the standard header: a second way in (e.g. x-api-key) is a second thing to get wrong.
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise ApiAuthError("missing API key: send it as 'Authorization: Bearer <key>'")
-    user = await auth.resolve_api_key(db, key=key.strip(), secret=services.secret)
-    if user is None:
+    row = await auth.resolve_api_key(db, key=key.strip(), secret=services.secret)
+    if row is None:
         raise ApiAuthError("invalid API key")
-    if not user.is_approved:
+    return row
+
+
+# The key itself, for its own rate limit; routes take ApiUser as well, which checks approval.
+CurrentApiKey = Annotated[ApiKey, Depends(require_api_key)]
+
+
+async def require_api_user(key: CurrentApiKey) -> User:
+    if not key.user.is_approved:
         raise HTTPException(403, APPROVAL_PENDING)
-    return user
+    return key.user
 
 
 ApiUser = Annotated[User, Depends(require_api_user)]

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import enum
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Date,
     DateTime,
     Enum,
     ForeignKey,
@@ -103,6 +104,10 @@ class User(Base):
     )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_sign_in_at: Mapped[datetime | None] = mapped_column(default=None)
+    # An admin's overrides of RATE_LIMIT_PER_MINUTE and DAILY_TOKEN_QUOTA for this user: None
+    # follows the setting, 0 is unlimited (see app/usage.py).
+    rate_limit_per_minute: Mapped[int | None] = mapped_column(default=None)
+    daily_token_quota: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
     @property
     def is_admin(self) -> bool:
@@ -141,6 +146,9 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(default=None)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # This key's own requests-per-minute limit, within its user's: None follows
+    # API_KEY_RATE_LIMIT_PER_MINUTE, 0 is no limit of its own.
+    rate_limit_per_minute: Mapped[int | None] = mapped_column(default=None)
 
     user: Mapped[User] = relationship(lazy="joined")
 
@@ -199,6 +207,8 @@ class Adapter(Base):
     active_version: Mapped[int | None] = mapped_column(default=None)
     # At most one adapter is the default for new conversations; none means the bare base model.
     is_default: Mapped[bool] = mapped_column(default=False)
+    # The user groups that may use it (a JSON list); empty: everyone. Admins always may.
+    allowed_groups: Mapped[list[str]] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     versions: Mapped[list[AdapterVersion]] = relationship(
@@ -264,3 +274,27 @@ class RegistryState(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     revision: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class RateWindow(Base):
+    """Requests admitted in one minute for one subject ("user:<id>" or "key:<id>"): a fixed-window
+    counter in SQL, so every server process sharing the database counts the same requests."""
+
+    __tablename__ = "rate_windows"
+
+    subject: Mapped[str] = mapped_column(String(32), primary_key=True)
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # minutes since the Unix epoch
+    requests: Mapped[int] = mapped_column(default=0)
+
+
+class DailyUsage(Base):
+    """What one user asked of the model on one UTC day: requests admitted and tokens used."""
+
+    __tablename__ = "daily_usage"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    requests: Mapped[int] = mapped_column(default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_request_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -28,6 +28,7 @@ from app.registry.catalog import Catalog
 from app.registry.inspect import BaseIdentity
 from app.registry.intake import Intake
 from app.registry.store import AdapterStore
+from app.usage import LimitDefaults
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,15 @@ class Services:
             max_tokens=min(s.max_new_tokens, self.model.context_window // 2),
             temperature=s.default_temperature,
             top_p=s.default_top_p,
+        )
+
+    @property
+    def limit_defaults(self) -> LimitDefaults:
+        s = self.settings
+        return LimitDefaults(
+            rate_limit_per_minute=s.rate_limit_per_minute,
+            api_key_rate_limit_per_minute=s.api_key_rate_limit_per_minute,
+            daily_token_quota=s.daily_token_quota,
         )
 
     async def close(self) -> None:

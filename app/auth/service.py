@@ -250,13 +250,14 @@ async def create_api_key(
     return key, row
 
 
-async def resolve_api_key(db: AsyncSession, *, key: str, secret: bytes) -> User | None:
+async def resolve_api_key(db: AsyncSession, *, key: str, secret: bytes) -> ApiKey | None:
+    """The key's row (its user in `.user`), if it is valid and its user active."""
     row = await db.scalar(select(ApiKey).where(ApiKey.key_hash == keyed_hash(secret, key)))
     if row is None or row.revoked_at is not None or not row.user.is_active:
         return None
     row.last_used_at = utcnow()
     await db.commit()
-    return row.user
+    return row
 
 
 # -- administration -----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.chat.conversations import INTERRUPTED_ERROR
 from app.llm.engine import GenerationResult, GenerationStream
 from app.models import Message, MessageStatus
+from app.usage import record_tokens
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,10 @@ STOP_WAIT_S = 30.0
 
 
 class GenerationJob:
-    def __init__(self, message_id: uuid.UUID, stream: GenerationStream) -> None:
+    def __init__(self, message_id: uuid.UUID, stream: GenerationStream, user_id: int | None = None) -> None:
         self.message_id = message_id
         self.stream = stream
+        self.user_id = user_id  # whose daily token count the reply adds to
         self.chunks: list[str] = []  # event n (1-based) is chunks[n - 1]
         self.status = MessageStatus.STREAMING
         self.error: str | None = None
@@ -104,15 +106,17 @@ class JobManager:
     """Runs generation jobs as tasks on the event loop and stores what they write."""
 
     def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
-        self._sessionmaker = sessionmaker
+        self.sessionmaker = sessionmaker
         self._jobs: dict[uuid.UUID, GenerationJob] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def get(self, message_id: uuid.UUID) -> GenerationJob | None:
         return self._jobs.get(message_id)
 
-    def start(self, message_id: uuid.UUID, stream: GenerationStream) -> GenerationJob:
-        job = GenerationJob(message_id, stream)
+    def start(
+        self, message_id: uuid.UUID, stream: GenerationStream, *, user_id: int | None = None
+    ) -> GenerationJob:
+        job = GenerationJob(message_id, stream, user_id)
         self._jobs[message_id] = job
         task = asyncio.create_task(self._run(job), name=f"generation-job-{message_id}")
         self._tasks.add(task)
@@ -140,6 +144,7 @@ class JobManager:
             job.stream.cancel()
             job.status, job.error = MessageStatus.INTERRUPTED, INTERRUPTED_ERROR
             await asyncio.shield(self._save(job))
+            await asyncio.shield(self._record_usage(job))
             await job._finish()
             raise
         except Exception as error:
@@ -147,12 +152,28 @@ class JobManager:
             job.stream.cancel()
             job.status, job.error = MessageStatus.FAILED, f"{type(error).__name__}: {error}"
         await self._save(job)
+        await self._record_usage(job)
         await job._finish()
         asyncio.get_running_loop().call_later(KEEP_FINISHED_S, self._jobs.pop, job.message_id, None)
 
+    async def _record_usage(self, job: GenerationJob) -> None:
+        """Add the reply's tokens to its user's day, once, when it ends (however it ends)."""
+        if job.user_id is None:
+            return
+        if (result := job.result) is not None:
+            prompt, completion = result.prompt_tokens, result.completion_tokens
+        else:  # cut off by a shutdown: the prompt was read, and this much was written
+            prompt, completion = len(job.stream.request.prompt_ids), job.completion_tokens
+        try:
+            await record_tokens(
+                self.sessionmaker, user_id=job.user_id, prompt_tokens=prompt, completion_tokens=completion
+            )
+        except Exception:
+            log.exception("could not count the tokens of generation job %s", job.message_id)
+
     async def _save(self, job: GenerationJob) -> None:
         try:
-            async with self._sessionmaker() as db:
+            async with self.sessionmaker() as db:
                 message = await db.get(Message, job.message_id)
                 if message is None:  # the conversation was deleted meanwhile
                     return

@@ -11,8 +11,9 @@ from app.chat.conversations import ChatError, add_exchange, clean_message, histo
 from app.chat.jobs import GenerationJob, JobManager
 from app.llm.engine import GenerationEngine, GenerationRequest, SamplingParams
 from app.llm.prompts import ChatTurn, build_prompt
-from app.models import Conversation, Message, MessageRole, MessageStatus
+from app.models import Conversation, Message, MessageRole, MessageStatus, User
 from app.registry.catalog import Catalog, ServedVersion, UnknownModel
+from app.usage import LimitDefaults, admit
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,11 @@ def prompt_request(
     )
 
 
-def conversation_adapter(catalog: Catalog, conversation: Conversation) -> ServedVersion | None:
-    """The adapter version a conversation talks to now; never silently the base instead."""
+def conversation_adapter(catalog: Catalog, conversation: Conversation, user: User) -> ServedVersion | None:
+    """The adapter version a conversation talks to now; never silently the base instead (nor an
+    adapter the user may no longer use)."""
     try:
-        return catalog.resolve(conversation.adapter_name)
+        return catalog.resolve(conversation.adapter_name, user)
     except UnknownModel:
         raise ChatError(
             f"the adapter '{conversation.adapter_name}' of this conversation is not available any more; "
@@ -67,25 +69,34 @@ async def start_reply(
     db: AsyncSession,
     *,
     conversation: Conversation,
+    user: User,
     user_text: str | None,
     engine: GenerationEngine,
     catalog: Catalog,
     jobs: JobManager,
     settings: ReplySettings,
+    limits: LimitDefaults,
+    admitted: bool = False,
 ) -> StartedReply:
     """Store the user's message (None: regenerate the last reply) and start the model on a reply.
 
-    The engine is asked first, so a full queue refuses the message before anything is stored
-    (the user's text stays in their composer to send again).
+    The limits (app.usage; LimitReached) and then the engine are asked first, so a limit or a full
+    queue refuses the message before anything is stored or deleted (the user's text stays in their
+    composer to send again). `admitted`: the caller has counted this request already (a new
+    conversation is admitted before it is created, since the limits count in a transaction of
+    their own and SQLite lets only one write at a time).
     """
     if user_text is not None:
         user_text = clean_message(user_text)
     messages = list(await list_messages(db, conversation))
     if any(m.status is MessageStatus.STREAMING and jobs.get(m.id) for m in messages):
         raise ChatError("a reply is still being written in this conversation; stop it or wait for it")
+    if user_text is None and (not messages or messages[-1].role is not MessageRole.ASSISTANT):
+        raise ChatError("there is no reply to regenerate")
+    adapter = conversation_adapter(catalog, conversation, user)
+    if not admitted:
+        await admit(jobs.sessionmaker, user=user, defaults=limits)
     if user_text is None:
-        if not messages or messages[-1].role is not MessageRole.ASSISTANT:
-            raise ChatError("there is no reply to regenerate")
         await db.delete(messages.pop())
         await db.flush()
     turns = [ChatTurn("system", settings.system_prompt)] if settings.system_prompt else []
@@ -95,11 +106,10 @@ async def start_reply(
     sampling = SamplingParams(
         max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p
     )
-    adapter = conversation_adapter(catalog, conversation)
     stream = engine.submit(prompt_request(engine, turns, sampling, adapter, catalog))
     try:
         user_message, reply = await add_exchange(db, conversation=conversation, user_text=user_text)
     except BaseException:
         stream.cancel()
         raise
-    return StartedReply(user_message, reply, jobs.start(reply.id, stream))
+    return StartedReply(user_message, reply, jobs.start(reply.id, stream, user_id=user.id))

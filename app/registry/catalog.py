@@ -1,6 +1,8 @@
 """What this server can serve right now: an in-memory view of the registry, kept fresh by polling.
 
-Requests resolve `model` / a conversation's adapter here, without a database round trip. Each
+Requests resolve `model` / a conversation's adapter here, without a database round trip, and only
+among the adapters open to the user asking (an adapter restricted to groups the user is not in is,
+for them, one that does not exist; admins see all). Each
 server process polls the registry's revision counter (one indexed row) every few seconds and
 reloads the view when it moved, so a change made through any process is served by all of them
 shortly after; adapter versions that stopped being servable are unloaded from the engine.
@@ -17,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.llm.adapters import AdapterRef
 from app.llm.engine import GenerationEngine
-from app.models import AdapterStatus
+from app.models import AdapterStatus, User
 from app.registry import service
 from app.registry.store import AdapterStore
 
@@ -65,6 +67,7 @@ class Snapshot:
     active: dict[str, int] = field(default_factory=dict)  # name -> active version number
     versions: dict[tuple[str, int], ServedVersion] = field(default_factory=dict)
     default: str | None = None
+    groups: dict[str, frozenset[str]] = field(default_factory=dict)  # name -> allowed groups (empty: all)
 
     def servable_keys(self) -> set[str]:
         return {v.key for v in self.versions.values() if v.ready}
@@ -91,22 +94,41 @@ class Catalog:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def ready_names(self) -> list[str]:
-        """Adapter names whose active version can be served, for pickers and /v1/models."""
+    def may_use(self, user: User | None, name: str) -> bool:
+        """Whether `user` may use adapter `name`: admins and everyone for an unrestricted adapter, else
+        members of one of its groups. None stands for the server itself (admin pages): all."""
+        allowed = self.snapshot.groups.get(name)
+        return user is None or user.is_admin or not allowed or not allowed.isdisjoint(user.groups)
+
+    def ready_names(self, user: User | None = None) -> list[str]:
+        """Adapter names whose active version can be served (to `user`), for pickers and /v1/models."""
         snap = self.snapshot
-        return sorted(name for name, number in snap.active.items() if snap.versions[(name, number)].ready)
+        return sorted(
+            name
+            for name, number in snap.active.items()
+            if snap.versions[(name, number)].ready and self.may_use(user, name)
+        )
 
     @property
     def default(self) -> str | None:
         return self.snapshot.default
 
-    def resolve(self, model: str | None) -> ServedVersion | None:
-        """`name` (its active version), `name@N` (pinned), or the base model's name / None (no adapter)."""
+    def default_for(self, user: User) -> str | None:
+        """The adapter `user`'s new conversations start with: the default, or the bare base model
+        (None) when the default is restricted to groups they are not in."""
+        default = self.snapshot.default
+        return default if default is not None and self.may_use(user, default) else None
+
+    def resolve(self, model: str | None, user: User | None = None) -> ServedVersion | None:
+        """`name` (its active version), `name@N` (pinned), or the base model's name / None (no adapter).
+
+        With `user`, an adapter they may not use is answered exactly as one that does not exist.
+        """
         if model is None or model == self.base_name:
             return None
         snap = self.snapshot
         name, _, pinned = model.partition("@")
-        if name not in snap.active:
+        if name not in snap.active or not self.may_use(user, name):
             raise UnknownModel(
                 f"the model '{model}' does not exist; GET /v1/models lists the models served here"
             )
@@ -142,8 +164,10 @@ class Catalog:
                         await service.mark_failed(db, adapter=adapter, version=v, reason=MISSING_FILES)
         active: dict[str, int] = {}
         versions: dict[tuple[str, int], ServedVersion] = {}
+        groups: dict[str, frozenset[str]] = {}
         default = None
         for adapter in adapters:
+            groups[adapter.name] = frozenset(adapter.allowed_groups or ())
             if adapter.active_version is not None:
                 active[adapter.name] = adapter.active_version
             if adapter.is_default:
@@ -158,7 +182,7 @@ class Catalog:
                     v.prompt_template,
                 )
         gone = self.snapshot.servable_keys()
-        self.snapshot = Snapshot(current, active, versions, default)
+        self.snapshot = Snapshot(current, active, versions, default, groups)
         for key in gone - self.snapshot.servable_keys():
             await self._engine.remove_adapter(key)
         log.info("registry revision %d: %d adapters", current, len(active))

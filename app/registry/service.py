@@ -201,5 +201,40 @@ async def set_default(db: AsyncSession, *, name: str | None, actor: User) -> Non
     await _changed(db, actor, "set-default", name or "(base model)")
 
 
+MAX_GROUPS = 100
+MAX_GROUP_LENGTH = 200
+
+
+def clean_groups(groups: Sequence[str]) -> list[str]:
+    """Group names as stored: trimmed, without duplicates or empties, sorted; refused when unusable."""
+    cleaned = sorted({g.strip() for g in groups if g.strip()})
+    for group in cleaned:
+        if len(group) > MAX_GROUP_LENGTH or "," in group or not group.isprintable():
+            raise RegistryError(
+                f"{group[:60]!r} is not a group name: "
+                f"at most {MAX_GROUP_LENGTH} printable characters, no commas",
+                400,
+            )
+    if len(cleaned) > MAX_GROUPS:
+        raise RegistryError(f"{len(cleaned)} groups; an adapter can be open to at most {MAX_GROUPS}", 400)
+    return cleaned
+
+
+async def set_groups(db: AsyncSession, *, name: str, groups: Sequence[str], actor: User) -> list[str]:
+    """Open adapter `name` to members of `groups` only (empty: to everyone); admins always may use it.
+
+    Users outside the groups no longer see it, and requests naming it answer as for a name that does
+    not exist, from each server's next registry refresh on. Returns the groups as stored.
+    """
+    adapter = await get_adapter(db, name)
+    cleaned = clean_groups(groups)
+    previous = list(adapter.allowed_groups or [])
+    if cleaned == previous:
+        return cleaned
+    adapter.allowed_groups = cleaned
+    await _changed(db, actor, "set-groups", name, groups=cleaned, previous=previous)
+    return cleaned
+
+
 async def audit_log(db: AsyncSession, *, limit: int = 200) -> Sequence[AuditEvent]:
     return (await db.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit))).all()

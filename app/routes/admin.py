@@ -1,5 +1,5 @@
 """Administration: adapters (pages for admins in the browser, and the same actions as a JSON API),
-the audit log, and users (approve, disable, enable).
+who may use each adapter, the audit log, users (approve, disable, enable, their limits) and usage.
 
 Both call the same registry and auth functions; the JSON API (under /api/admin, bearer API key of
 an admin) is documented in the OpenAPI schema at /docs.
@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import usage
 from app.auth import service as auth
 from app.deps import AdminApiUser, AdminSession, DbDep, ServicesDep
 from app.models import Adapter, AdapterVersion, User
@@ -71,6 +72,14 @@ async def choose_default(services: Services, db: AsyncSession, actor: User, name
     await services.catalog.refresh()
 
 
+async def restrict(
+    services: Services, db: AsyncSession, actor: User, name: str, groups: list[str]
+) -> list[str]:
+    stored = await service.set_groups(db, name=name, groups=groups, actor=actor)
+    await services.catalog.refresh()
+    return stored
+
+
 def version_json(adapter: Adapter, v: AdapterVersion) -> dict[str, Any]:
     return {
         "name": adapter.name,
@@ -102,6 +111,7 @@ def adapters_json(adapters: list[Adapter]) -> list[dict[str, Any]]:
             "name": a.name,
             "active_version": a.active_version,
             "default": a.is_default,
+            "groups": a.allowed_groups,
             "versions": [version_json(a, v) for v in a.versions],
         }
         for a in adapters
@@ -115,9 +125,11 @@ async def _adapters_page(request: Request, services: Services, db: AsyncSession,
                          partial: bool, status_code: int = 200) -> HTMLResponse:  # fmt: skip
     template = "partials/adapters.html" if partial else "pages/admin_adapters.html"
     adapters = list(await service.list_adapters(db))
+    # Offered when typing an adapter's groups: those people signed in with so far.
+    known_groups = sorted({group for user in await auth.list_users(db) for group in user.groups})
     return render(
         request, services, template, session=session, adapters=adapters, ready=services.catalog.ready_names(),
-        default=services.catalog.default, status_code=status_code,
+        default=services.catalog.default, known_groups=known_groups, status_code=status_code,
     )  # fmt: skip
 
 
@@ -165,6 +177,23 @@ async def version_action_page(
     return await _adapters_page(request, services, db, session, partial=True)
 
 
+@pages.post("/adapters/{name}/groups", response_class=HTMLResponse)
+async def groups_page(
+    request: Request,
+    services: ServicesDep,
+    db: DbDep,
+    session: AdminSession,
+    name: str,
+    groups: Annotated[str, Form()] = "",
+) -> Response:
+    """Open an adapter to the groups typed, comma-separated (empty: to everyone)."""
+    try:
+        await restrict(services, db, session.user, name, groups.split(","))
+    except service.RegistryError as error:
+        return notice(request, services, sentence(error), status_code=error.status)
+    return await _adapters_page(request, services, db, session, partial=True)
+
+
 @pages.post("/default-adapter", response_class=HTMLResponse)
 async def default_page(
     request: Request,
@@ -190,10 +219,49 @@ async def audit_page(request: Request, services: ServicesDep, db: DbDep, session
 USER_ACTIONS = ("approve", "disable", "enable")
 
 
+async def _users(
+    request: Request, services: Services, db: AsyncSession, session: Any, template: str
+) -> Response:
+    return render(
+        request, services, template, session=session, users=await auth.list_users(db),
+        defaults=services.limit_defaults,
+    )  # fmt: skip
+
+
 @pages.get("/users", response_class=HTMLResponse)
 async def users_page(request: Request, services: ServicesDep, db: DbDep, session: AdminSession) -> Response:
+    return await _users(request, services, db, session, "pages/admin_users.html")
+
+
+@pages.post("/users/{user_id}/limits", response_class=HTMLResponse)
+async def user_limits_page(
+    request: Request,
+    services: ServicesDep,
+    db: DbDep,
+    session: AdminSession,
+    user_id: int,
+    rate_limit_per_minute: Annotated[str, Form()] = "",
+    daily_token_quota: Annotated[str, Form()] = "",
+) -> Response:
+    """Override a user's requests per minute and tokens per day (empty: the setting; 0: unlimited)."""
+    user = await db.get(User, user_id)
+    if user is None:
+        return notice(request, services, "No such user; reload the page.", status_code=404)
+    try:
+        per_minute = usage.parse_limit(rate_limit_per_minute, "Requests per minute")
+        daily = usage.parse_limit(daily_token_quota, "Tokens per day")
+    except usage.LimitError as error:
+        return notice(request, services, sentence(error), status_code=422)
+    await usage.set_user_limits(db, user=user, per_minute=per_minute, daily_tokens=daily, actor=session.user)
+    return await _users(request, services, db, session, "partials/users.html")
+
+
+@pages.get("/usage", response_class=HTMLResponse)
+async def usage_page(request: Request, services: ServicesDep, db: DbDep, session: AdminSession) -> Response:
+    """Per user: requests and tokens today and over the last 30 days, and when they were last active."""
+    report = await usage.usage_report(db, users=await auth.list_users(db), defaults=services.limit_defaults)
     return render(
-        request, services, "pages/admin_users.html", session=session, users=await auth.list_users(db)
+        request, services, "pages/admin_usage.html", session=session, report=report, days=usage.USAGE_DAYS
     )
 
 
@@ -223,7 +291,7 @@ async def user_action_page(
             )  # fmt: skip
     except auth.UserError as error:
         return notice(request, services, sentence(error), status_code=409)
-    return render(request, services, "partials/users.html", session=session, users=await auth.list_users(db))
+    return await _users(request, services, db, session, "partials/users.html")
 
 
 def _status(error: Exception) -> int:
@@ -235,6 +303,10 @@ def _status(error: Exception) -> int:
 
 class DefaultAdapter(BaseModel):
     name: str | None = None  # None: new conversations use the bare base model
+
+
+class AdapterGroups(BaseModel):
+    groups: list[str]  # empty: everyone may use the adapter
 
 
 def _api_error(error: AdapterRejected | service.RegistryError) -> JSONResponse:
@@ -287,6 +359,39 @@ async def default_api(services: ServicesDep, db: DbDep, admin: AdminApiUser, bod
     except service.RegistryError as error:
         return _api_error(error)
     return {"default": body.name}
+
+
+@api.put("/adapters/{name}/groups", responses={400: {}, 404: {}})
+async def groups_api(
+    services: ServicesDep, db: DbDep, admin: AdminApiUser, name: str, body: AdapterGroups
+) -> Any:
+    """Open adapter `name` to members of `groups` only (empty: everyone). Others, admins aside, no
+    longer see it in /v1/models, and requests naming it answer 404."""
+    try:
+        groups = await restrict(services, db, admin, name, body.groups)
+    except service.RegistryError as error:
+        return _api_error(error)
+    return {"name": name, "groups": groups}
+
+
+@api.get("/usage")
+async def usage_api(services: ServicesDep, db: DbDep, _admin: AdminApiUser) -> list[dict[str, Any]]:
+    """Per user: requests and tokens (prompt + completion) today and over the last 30 days (UTC days),
+    the limits in effect (0: unlimited) and when they last asked the model for something."""
+    report = await usage.usage_report(db, users=await auth.list_users(db), defaults=services.limit_defaults)
+    return [
+        {
+            "email": row.user.email,
+            "requests_today": row.requests_today,
+            "tokens_today": row.tokens_today,
+            f"requests_{usage.USAGE_DAYS}_days": row.requests_period,
+            f"tokens_{usage.USAGE_DAYS}_days": row.tokens_period,
+            "rate_limit_per_minute": row.limits.per_minute,
+            "daily_token_quota": row.limits.daily_tokens,
+            "last_active": row.last_active.isoformat() if row.last_active else None,
+        }
+        for row in report
+    ]
 
 
 @api.get("/audit")

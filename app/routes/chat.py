@@ -20,10 +20,11 @@ from app.chat.replies import StartedReply, start_reply
 from app.deps import CurrentSession, DbDep, ServicesDep
 from app.llm.engine import EngineOverloaded
 from app.llm.prompts import PromptTooLong
-from app.models import Conversation, Message, MessageStatus
+from app.models import AuthSession, Conversation, Message, MessageStatus, User
 from app.registry.catalog import UnknownModel
 from app.routes.html import is_htmx, notice, redirect, render, sentence
 from app.services import Services
+from app.usage import LimitReached, admit
 
 router = APIRouter(tags=["chat"])
 
@@ -64,17 +65,43 @@ def stream_state(services: Services, messages: list[Message]) -> dict[str, tuple
 
 
 async def _start(
-    request: Request, services: Services, db: DbDep, conversation: Conversation, text: str | None
+    request: Request,
+    services: Services,
+    db: DbDep,
+    session: AuthSession,
+    conversation: Conversation | None,
+    text: str | None,
+    *,
+    adapter: str | None = None,
 ) -> StartedReply | Response:
+    """Start a reply in `conversation`, or (None) in a new one on `adapter`; a refusal is a notice."""
     try:
+        admitted = conversation is None
+        if conversation is None:
+            # Counted before the conversation is created, so a refusal leaves nothing behind.
+            chats.clean_message(text or "")  # an empty message is refused before it counts
+            await admit(services.sessionmaker, user=session.user, defaults=services.limit_defaults)
+            conversation = await chats.create_conversation(db, user=session.user, adapter_name=adapter)
         return await start_reply(
             db,
             conversation=conversation,
+            user=session.user,
             user_text=text,
             engine=services.engine,
             catalog=services.catalog,
             jobs=services.jobs,
             settings=services.reply_settings,
+            limits=services.limit_defaults,
+            admitted=admitted,
+        )
+    except LimitReached as error:
+        # Nothing was stored: the message stays in the composer, to send once the limit allows.
+        return notice(
+            request,
+            services,
+            f"Not sent: {sentence(error)}",
+            status_code=429,
+            headers={"Retry-After": str(error.retry_after_s)},
         )
     except EngineOverloaded as error:
         return notice(
@@ -103,7 +130,7 @@ async def new_chat(request: Request, services: ServicesDep, db: DbDep, session: 
         messages=[],
         streams={},
         conversations=await chats.list_conversations(db, session.user),
-        **picker(services),
+        **picker(services, session.user),
     )
 
 
@@ -118,14 +145,15 @@ async def create_chat(
 ) -> Response:
     """Start a conversation with its first message (on the chosen adapter), then open it."""
     try:
-        services.catalog.resolve(adapter or None)
+        services.catalog.resolve(adapter or None, session.user)
     except UnknownModel as error:
         return notice(request, services, sentence(error), status_code=400)
-    conversation = await chats.create_conversation(db, user=session.user, adapter_name=adapter or None)
-    started = await _start(request, services, db, conversation, message)
+    # A refusal leaves no empty conversation: it is created in the request's transaction, which
+    # commits only with the first exchange.
+    started = await _start(request, services, db, session, None, message, adapter=adapter or None)
     if isinstance(started, Response):
         return started
-    return redirect(request, f"/c/{conversation.id}")
+    return redirect(request, f"/c/{started.reply.conversation_id}")
 
 
 @router.get("/c/{conversation_id}", response_class=HTMLResponse)
@@ -146,7 +174,7 @@ async def show_chat(
         messages=messages,
         streams=stream_state(services, messages),
         conversations=await chats.list_conversations(db, session.user),
-        **picker(services),
+        **picker(services, session.user),
     )
 
 
@@ -161,7 +189,7 @@ async def choose_adapter(
 ) -> Response:
     """Switch the adapter that answers in this conversation from its next reply on."""
     try:
-        services.catalog.resolve(adapter or None)
+        services.catalog.resolve(adapter or None, session.user)
     except UnknownModel as error:
         return notice(request, services, sentence(error), status_code=400)
     await chats.set_adapter(db, conversation, adapter or None)
@@ -171,13 +199,15 @@ async def choose_adapter(
         "partials/adapter_picker.html",
         session=session,
         conversation=conversation,
-        **picker(services),
+        **picker(services, session.user),
     )
 
 
-def picker(services: Services) -> dict[str, Any]:
-    """What the adapter picker shows: the ready adapters and the default for new conversations."""
-    return {"adapters": services.catalog.ready_names(), "default_adapter": services.catalog.default}
+def picker(services: Services, user: User) -> dict[str, Any]:
+    """What the adapter picker shows `user`: the ready adapters open to them, and the default for
+    their new conversations (the bare base model when the default is not open to them)."""
+    catalog = services.catalog
+    return {"adapters": catalog.ready_names(user), "default_adapter": catalog.default_for(user)}
 
 
 @router.post("/c/{conversation_id}/messages", response_class=HTMLResponse)
@@ -189,7 +219,7 @@ async def send_message(
     conversation: OwnedConversation,
     message: Annotated[str, Form()],
 ) -> Response:
-    started = await _start(request, services, db, conversation, message)
+    started = await _start(request, services, db, session, conversation, message)
     if isinstance(started, Response):
         return started
     return render(
@@ -216,7 +246,7 @@ async def regenerate(
     messages = await chats.list_messages(db, conversation)
     if messages[-1].id != message.id:
         return notice(request, services, "Only the newest reply can be regenerated.", status_code=409)
-    started = await _start(request, services, db, conversation, None)
+    started = await _start(request, services, db, session, conversation, None)
     if isinstance(started, Response):
         return started
     return render(

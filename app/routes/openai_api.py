@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from app.chat.replies import prompt_request
-from app.deps import ApiUser, ServicesDep
+from app.deps import ApiUser, CurrentApiKey, ServicesDep
 from app.llm.engine import EngineOverloaded, GenerationResult, GenerationStream, SamplingParams
 from app.llm.prompts import ChatTurn, PromptTooLong
 from app.openai_protocol import (
@@ -30,6 +31,10 @@ from app.openai_protocol import (
 )
 from app.registry.catalog import UnknownModel
 from app.routes.html import sentence
+from app.services import Services
+from app.usage import LimitReached, admit, record_tokens
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -59,13 +64,14 @@ class ApiError(Exception):
 
 
 @router.get("/models")
-async def list_models(services: ServicesDep, _user: ApiUser) -> dict[str, Any]:
-    """The base model and every adapter that is ready, each adapter with `parent` = the base."""
+async def list_models(services: ServicesDep, user: ApiUser) -> dict[str, Any]:
+    """The base model and every adapter that is ready and open to the key's user, each adapter
+    with `parent` = the base."""
     created, base = now(), services.settings.model_name
     models = [{"id": base, "object": "model", "created": created, "owned_by": "private-gpt", "parent": None}]
     models += [
         {"id": name, "object": "model", "created": created, "owned_by": "private-gpt", "parent": base}
-        for name in services.catalog.ready_names()
+        for name in services.catalog.ready_names(user)
     ]
     return {"object": "list", "data": models}
 
@@ -84,17 +90,22 @@ async def list_models(services: ServicesDep, _user: ApiUser) -> dict[str, Any]:
                 (400, "A malformed request, or one the model cannot take"),
                 (404, "No model of that name is served"),
                 (413, "The request body is too large"),
-                (429, "The server is at capacity; retry after Retry-After seconds"),
+                (
+                    429,
+                    "A rate limit or the daily token quota is reached, or the server is at capacity; "
+                    "retry after Retry-After seconds",
+                ),
             )
         },
     },
 )
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, services: ServicesDep, _user: ApiUser
+    body: ChatCompletionRequest, request: Request, services: ServicesDep, user: ApiUser, key: CurrentApiKey
 ) -> Response:
     settings = services.settings
     try:
-        adapter = services.catalog.resolve(body.model)
+        # An adapter the user may not use answers exactly as one that does not exist.
+        adapter = services.catalog.resolve(body.model, user)
     except UnknownModel as error:
         raise ApiError(404, sentence(error), "invalid_request_error", "model_not_found", "model") from None
     try:
@@ -123,9 +134,25 @@ async def chat_completions(
         stop=body.stop_sequences(),
     )
     try:
-        stream = services.engine.submit(
-            prompt_request(services.engine, turns, sampling, adapter, services.catalog)
+        prompt = prompt_request(services.engine, turns, sampling, adapter, services.catalog)
+    except (PromptTooLong, ValueError) as error:
+        raise ApiError(
+            400, str(error), "invalid_request_error", "context_length_exceeded", "messages"
+        ) from None
+    try:
+        await admit(services.sessionmaker, user=user, api_key=key, defaults=services.limit_defaults)
+    except LimitReached as error:
+        # OpenAI's own types: `requests` for a rate limit, `insufficient_quota` for a spent quota.
+        kind, code = (
+            ("requests", "rate_limit_exceeded")
+            if error.kind == "requests"
+            else ("insufficient_quota", "daily_token_quota_exceeded")
         )
+        raise ApiError(
+            429, sentence(error), kind, code, headers={"Retry-After": str(error.retry_after_s)}
+        ) from None
+    try:
+        stream = services.engine.submit(prompt)
     except EngineOverloaded as error:
         raise ApiError(
             429,
@@ -140,11 +167,16 @@ async def chat_completions(
         ) from None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_chunks(stream, body.model, include_usage), ping=15)
+
+        async def count(written: int) -> None:
+            await _count_tokens(services, user.id, stream, written)
+
+        return EventSourceResponse(_chunks(stream, body.model, include_usage, count), ping=15)
     try:
         text, result = await _collect_while_connected(stream, request)
     finally:
         stream.cancel()  # no-op when finished; stops the model if this request was cancelled
+        await _count_tokens(services, user.id, stream)
     if result.finish_reason == "error":
         raise ApiError(500, f"generation failed: {result.error}", "server_error", "generation_failed")
     return JSONResponse(
@@ -166,6 +198,22 @@ async def chat_completions(
     )
 
 
+async def _count_tokens(services: Services, user_id: int, stream: GenerationStream, written: int = 0) -> None:
+    """Add the request's tokens to its user's day, however it ended: a client that hung up
+    mid-reply still used the prompt and the `written` tokens it was sent."""
+    result = stream.result
+    prompt = result.prompt_tokens if result else len(stream.request.prompt_ids)
+    completion = result.completion_tokens if result else written
+    try:
+        await asyncio.shield(
+            record_tokens(
+                services.sessionmaker, user_id=user_id, prompt_tokens=prompt, completion_tokens=completion
+            )
+        )
+    except Exception:
+        log.exception("could not count the tokens of a chat completion")
+
+
 async def _collect_while_connected(
     stream: GenerationStream, request: Request
 ) -> tuple[str, GenerationResult]:
@@ -178,9 +226,13 @@ async def _collect_while_connected(
     return collector.result()
 
 
-async def _chunks(stream: GenerationStream, model: str, include_usage: bool) -> AsyncIterator[str]:
-    """chat.completion.chunk events as OpenAI sends them, ending with `data: [DONE]`."""
+async def _chunks(
+    stream: GenerationStream, model: str, include_usage: bool, count: Callable[[int], Awaitable[None]]
+) -> AsyncIterator[str]:
+    """chat.completion.chunk events as OpenAI sends them, ending with `data: [DONE]`; `count` gets
+    the tokens written when the stream ends."""
     chunk_id, created = completion_id(), now()
+    written = 0
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
         choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
@@ -198,6 +250,7 @@ async def _chunks(stream: GenerationStream, model: str, include_usage: bool) -> 
     try:
         yield chunk({"role": "assistant", "content": ""})
         async for delta in stream:
+            written = delta.completion_tokens
             yield chunk({"content": delta.text})
         result = stream.result
         assert result is not None
@@ -222,3 +275,4 @@ async def _chunks(stream: GenerationStream, model: str, include_usage: bool) -> 
     finally:
         # The client went away (or we are done): free the model for others.
         stream.cancel()
+        await count(written)

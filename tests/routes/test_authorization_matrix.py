@@ -146,14 +146,22 @@ MATRIX: dict[tuple[str, str], Entry] = {
         Entry(SIGN_IN, REFUSED, REFUSED, "201", form={"name": ADAPTER}, upload=True, htmx=True),
     ("POST", "/admin/adapters/{name}/versions/{version}/{action}"): Entry(*ADMIN_ACTION, htmx=True),
     ("POST", "/admin/default-adapter"): Entry(*ADMIN_ACTION, form={"name": ""}, htmx=True),
+    # Who may use an adapter (open to everyone, as it is) and what everyone used.
+    ("POST", "/admin/adapters/{name}/groups"): Entry(*ADMIN_ACTION, form={"groups": ""}, htmx=True),
+    ("GET", "/admin/usage"): Entry(*ADMIN_PAGE),
     ("GET", "/admin/audit"): Entry(*ADMIN_PAGE),
     # User administration (approving user A, who is approved already, changes nothing).
     ("GET", "/admin/users"): Entry(*ADMIN_PAGE),
     ("POST", "/admin/users/{user_id}"): Entry(*ADMIN_ACTION, form={"action": "approve"}, htmx=True),
+    # User A's limits left at the settings' (empty fields), as they are.
+    ("POST", "/admin/users/{user_id}/limits"):
+        Entry(*ADMIN_ACTION, form={"rate_limit_per_minute": "", "daily_token_quota": ""}, htmx=True),
     ("GET", "/api/admin/adapters"): Entry(*ADMIN_API),
     ("POST", "/api/admin/adapters/{name}/versions"): Entry(BEARER, REFUSED, REFUSED, "201", upload=True),
     ("POST", "/api/admin/adapters/{name}/versions/{version}/{action}"): Entry(*ADMIN_API),
     ("PUT", "/api/admin/default-adapter"): Entry(*ADMIN_API, json={"name": None}),
+    ("PUT", "/api/admin/adapters/{name}/groups"): Entry(*ADMIN_API, json={"groups": []}),
+    ("GET", "/api/admin/usage"): Entry(*ADMIN_API),
     ("GET", "/api/admin/audit"): Entry(*ADMIN_API),
 }
 # fmt: on

@@ -53,6 +53,7 @@ FORMS: dict[tuple[str, str], dict[str, str]] = {
     ("POST", "/c/{conversation_id}/adapter"): {"adapter": ""},
     ("POST", "/admin/default-adapter"): {"name": ""},
     ("POST", "/admin/users/{user_id}"): {"action": "approve"},
+    ("POST", "/admin/users/{user_id}/limits"): {"rate_limit_per_minute": "", "daily_token_quota": ""},
 }
 ROUTES = [*COOKIE_ROUTES, ("POST", "/login")]
 
@@ -224,7 +225,11 @@ MALFORMED: dict[str, tuple[str, bytes]] = {
 # These parse as an empty form (Starlette drops a part cut short), which a route whose every field
 # has a default takes as it should: choosing the base model.
 PARSES_EMPTY = {"multipart cut short", "JSON", "plain text", "no content type", "only separators"}
-ALL_OPTIONAL = {("POST", "/c/{conversation_id}/adapter"), ("POST", "/admin/default-adapter")}
+ALL_OPTIONAL = {
+    ("POST", "/c/{conversation_id}/adapter"),
+    ("POST", "/admin/default-adapter"),
+    ("POST", "/admin/users/{user_id}/limits"),  # empty fields: the settings' limits
+}
 MALFORMED_CASES = [
     (method, path, kind)
     for method, path in sorted(FORMS)
