@@ -71,7 +71,10 @@ class Settings(BaseSettings):
     max_batch_tokens: Annotated[int | None, Field(ge=1)] = None
     # Prompt tokens prefilled per engine round, between the running replies' decoding steps: larger
     # gives new replies their first token sooner, smaller keeps running streams smoother.
-    prefill_chunk_tokens: Annotated[int, Field(ge=16)] = 2048
+    prefill_chunk_tokens: Annotated[int, Field(ge=16)] = 8192
+    # Replay decoding steps from CUDA graphs (on a GPU). false runs every step eagerly: slower, for
+    # telling a graph problem from a model problem.
+    cuda_graphs: bool = True
 
     # Adapters: how many stay loaded on the GPU (least recently used are unloaded beyond that),
     # the largest LoRA rank accepted, the largest upload, and how often servers look for changes.

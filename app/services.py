@@ -121,6 +121,7 @@ async def build_services(settings: Settings, *, metrics: ServerMetrics) -> Servi
         max_queued=settings.max_queued_generations,
         max_batch_tokens=settings.max_batch_tokens,
         prefill_chunk=settings.prefill_chunk_tokens,
+        cuda_graphs=settings.cuda_graphs,
         max_adapters=settings.max_resident_adapters,
         metrics=metrics.engine,
     )

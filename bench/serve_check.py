@@ -111,12 +111,20 @@ def plain(
     out["batch_new_tokens"] = args.plain_new_tokens
     out["batch_tokens_per_s"] = round(len(cases) * args.plain_new_tokens / seconds, 1)
     # Reference tokens for the equality check: each case alone, greedy.
-    reference = []
+    reference, scores = [], []
     for p, name in cases[: args.compare]:
-        tokens, _ = generate(model, torch.tensor([p], device=env.device), args.compare_tokens, env,
-                             adapter_names=[name or "__base__"])  # fmt: skip
-        reference.append(tokens[0, len(p) :].tolist())
+        with torch.inference_mode():
+            ids = torch.tensor([p], device=env.device)
+            ref = model.generate(
+                ids, attention_mask=torch.ones_like(ids),
+                max_new_tokens=args.compare_tokens, min_new_tokens=args.compare_tokens, do_sample=False,
+                pad_token_id=EOS_ID, adapter_names=[name or "__base__"], output_scores=True,
+                return_dict_in_generate=True,
+            )  # fmt: skip
+        reference.append(ref.sequences[0, len(p) :].tolist())
+        scores.append(torch.stack([step[0].float().cpu() for step in ref.scores]))  # [tokens, vocab]
     out["reference"] = reference
+    out["reference_scores"] = scores
     model.unload()
     env.free()
     return out
@@ -162,6 +170,7 @@ async def stream(engine: Any, ids: list[int], ref: Any, new_tokens: int, timelin
 
 def engine_part(env: Env, refs: list[Any], spare: Any, cases: list[tuple[list[int], str | None]],
                 args: argparse.Namespace, reference: list[list[int]]) -> dict:  # fmt: skip
+    from app.llm.adapters import read_adapter
     from app.llm.engine import GenerationEngine
     from app.llm.loader import ModelSpec, load_model
 
@@ -212,6 +221,18 @@ def engine_part(env: Env, refs: list[Any], spare: Any, cases: list[tuple[list[in
         out["equal_alone"] = sum(a == r for a, r in zip(alone, reference, strict=False))
         out["equal_batched"] = sum(a == r for a, r in zip(together, reference, strict=False))
         out["compared"] = len(reference)
+        # Where a token differs, how far apart the two tokens were in the plain recipe's own logits:
+        # random weights give near-ties that any change of kernel can flip.
+        scores = getattr(args, "reference_scores", [])
+        gaps = []
+        for got, ref, score in zip(
+            [*alone, *together], [*reference, *reference], [*scores, *scores], strict=False
+        ):
+            i = next((i for i, (x, y) in enumerate(zip(got, ref, strict=False)) if x != y), None)
+            if i is not None:
+                gaps.append(round(float(score[i, ref[i]] - score[i, got[i]]), 4))
+        out["mismatch_logit_gaps"] = gaps
+        out["logit_std"] = round(float(scores[0][scores[0].isfinite()].std()), 3) if scores else None
         out["first_mismatch_alone"] = next(
             (min(i for i, (x, y) in enumerate(zip(a, r, strict=False)) if x != y) if a != r else None
              for a, r in zip(alone, reference, strict=False) if a != r), None)  # fmt: skip
@@ -229,7 +250,10 @@ def engine_part(env: Env, refs: list[Any], spare: Any, cases: list[tuple[list[in
                  for p, n in cases]  # fmt: skip
         await asyncio.sleep(args.publish_after)
         publish_started = time.perf_counter()
-        change = await engine.probe_adapter(spare, prompt_ids(3, 32))
+        # What engine.probe_adapter does, in its two steps: read the files (off the worker), probe.
+        files = await asyncio.to_thread(read_adapter, spare, engine.model.device)
+        read = time.perf_counter()
+        change = await engine.call(lambda: engine.adapters.probe(spare, prompt_ids(3, 32), files))
         probed = time.perf_counter()
         _, spare_result, submitted = await stream(engine, prompt_ids(4, 128), spare, 2, None)
         first = submitted + (spare_result.time_to_first_token_s or 0)
@@ -251,9 +275,33 @@ def engine_part(env: Env, refs: list[Any], spare: Any, cases: list[tuple[list[in
         }
         out["publish"] = {
             "probe_change": round(change, 4),
+            "read_ms": ms(read - publish_started),
+            "probe_ms": ms(probed - read),
             "read_and_probe_ms": ms(probed - publish_started),
             "publish_to_first_token_ms": ms(first - publish_started),
             "request_ttft_ms": ms(spare_result.time_to_first_token_s),
+        }
+        # The same streams arriving one every --arrival-ms (a chat's users do not all press send
+        # in the same millisecond): first tokens without the queue behind 31 simultaneous prompts.
+        staggered = Timeline()
+
+        async def later(i: int, ids: list[int], name: str | None) -> tuple:
+            await asyncio.sleep(i * args.arrival_ms / 1000)
+            return await stream(engine, ids, by_key.get(name or ""), args.new_tokens, staggered)
+
+        env.sync()
+        started = time.perf_counter()
+        await asyncio.gather(*(later(i, p, n) for i, (p, n) in enumerate(cases)))
+        env.sync()
+        window = time.perf_counter() - started
+        out["load_staggered"] = {
+            "arrival_ms": args.arrival_ms,
+            "tokens_per_s": round(staggered.tokens / window, 1),
+            "ttft_p50_ms": ms(pct(staggered.ttft, 0.5)),
+            "ttft_p95_ms": ms(pct(staggered.ttft, 0.95)),
+            "itl_p50_ms": ms(pct(staggered.gaps, 0.5)),
+            "itl_p95_ms": ms(pct(staggered.gaps, 0.95)),
+            "interrupted": sum(r != "length" for r in staggered.reasons),
         }
 
     try:
@@ -270,6 +318,7 @@ def engine_part(env: Env, refs: list[Any], spare: Any, cases: list[tuple[list[in
 def table(plain_out: dict, engine_out: dict) -> str:
     load = engine_out.get("load", {})
     pub = engine_out.get("publish", {})
+    stag = engine_out.get("load_staggered", {})
     rows = [
         ("one stream, bare base (tokens/s)", plain_out.get("single_base_tokens_per_s"),
          engine_out.get("single_base_tokens_per_s")),
@@ -284,6 +333,8 @@ def table(plain_out: dict, engine_out: dict) -> str:
          f"{load.get('ttft_p50_ms')} / {load.get('ttft_p95_ms')}"),
         ("inter-token latency, p50 / p95 (ms)", "-",
          f"{load.get('itl_p50_ms')} / {load.get('itl_p95_ms')}"),
+        ("same streams arriving every "f"{stag.get('arrival_ms')} ms: tokens/s, TTFT p50 / p95 (ms)", "-",
+         f"{stag.get('tokens_per_s')}, {stag.get('ttft_p50_ms')} / {stag.get('ttft_p95_ms')}"),
         ("time to first token, 1,024-token prompt, alone (ms)", "-", engine_out.get("ttft_long_prompt_ms")),
         ("publish (read + probe) to first token, under load (ms)", "-", pub.get("publish_to_first_token_ms")),
         ("streams not finished by length under load", "-", load.get("interrupted")),
@@ -305,8 +356,10 @@ def main() -> int:
     parser.add_argument("--plain-new-tokens", type=int)
     parser.add_argument("--single-tokens", type=int)
     parser.add_argument("--long-prompt", type=int, default=1024)
-    parser.add_argument("--prefill-chunk", type=int, default=2048)
+    parser.add_argument("--prefill-chunk", type=int, default=8192)
     parser.add_argument("--no-graphs", action="store_true", help="the engine without CUDA graphs")
+    parser.add_argument("--arrival-ms", type=float, default=50.0, help="spacing of the staggered load run")
+    parser.add_argument("--skip-plain", action="store_true", help="only the engine (no equality check)")
     parser.add_argument("--compare", type=int, default=6)
     parser.add_argument("--compare-tokens", type=int, default=32)
     parser.add_argument("--publish-after", type=float, help="seconds into the load run")
@@ -368,7 +421,10 @@ def main() -> int:
         log("setup.error", repr(error)[:400])
         return 1
     try:
+        if args.skip_plain:
+            raise RuntimeError("skipped (--skip-plain)")
         plain_out = plain(env, refs, cases, args)
+        args.reference_scores = plain_out.pop("reference_scores")
         log("plain", {k: v for k, v in plain_out.items() if k != "reference"})
     except Exception as error:
         failed = True

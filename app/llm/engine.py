@@ -242,7 +242,7 @@ class GenerationEngine:
         max_queued: int = 32,
         max_adapters: int = 8,
         max_batch_tokens: int | None = None,
-        prefill_chunk: int = 2048,
+        prefill_chunk: int = 8192,
         cuda_graphs: bool = True,
         metrics: EngineMetrics | None = None,
     ) -> None:

@@ -1,0 +1,157 @@
+"""Decode profile: where a decoding step's GPU time goes, one stream and 32, kernel by kernel.
+
+On the Falcon-7B-shaped random checkpoint of `bench/gpu_check.py`, with rank-16 adapters as
+`bench/serve_check.py` makes them, the engine decodes (CUDA graphs as served) while
+`torch.profiler` records every kernel; the table gives each kernel's GPU time and count per step.
+`--compile` first compiles the decoder layers with `torch.compile` (a trial: fused elementwise
+kernels inside the same CUDA graphs), so the two can be compared.
+
+    GPU:  python3 bench/decode_profile.py [--compile]
+    CPU:  .venv/bin/python bench/decode_profile.py --tiny   (checks the script; timings mean nothing)
+
+Prints one JSON line per figure and writes $OUT/decode_profile[-compiled].json (or /tmp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.adapter_check import make_adapter
+from bench.gpu_check import Env, log, make_checkpoint, results
+from bench.serve_check import WORK, prompt_ids, stream
+
+
+def compile_decoder_layers(model: Any) -> int:
+    """`torch.compile` every decoder layer (one compiled graph serves them all); returns how many.
+
+    Inductor fuses the small elementwise kernels between the matmuls (norms, rotary embedding,
+    residual adds, the LoRA mask), which a CUDA graph replays but cannot merge.
+    """
+    import torch._dynamo.config as dynamo
+
+    # Batch-size buckets, LoRA on and off, prefill shapes: more variants than the default allows.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, 64)
+    layers = next(
+        module
+        for module in model.modules()
+        if isinstance(module, torch.nn.ModuleList) and len(module) == model.config.num_hidden_layers
+    )
+    for layer in layers:
+        layer.compile(dynamic=True)  # one graph for every batch size and prompt length
+    return len(layers)
+
+
+def kernels(prof: Any, steps: int, top: int) -> list[dict[str, Any]]:
+    """GPU time and launches per step by kernel name, largest first."""
+    time_us: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            time_us[event.name] += event.device_time
+            count[event.name] += 1
+    total = sum(time_us.values())
+    rows = sorted(time_us, key=lambda name: -time_us[name])
+    out = [
+        {
+            "kernel": "(all)",
+            "us_per_step": round(total / steps, 1),
+            "per_step": round(sum(count.values()) / steps, 1),
+        }
+    ]
+    out += [
+        {
+            "kernel": name[:90],
+            "us_per_step": round(time_us[name] / steps, 1),
+            "per_step": round(count[name] / steps, 1),
+        }
+        for name in rows[:top]
+    ]
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder layers first")
+    parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--top", type=int, default=30)
+    args = parser.parse_args()
+    env = Env(args.tiny)
+    from torch.profiler import ProfilerActivity, profile
+
+    from app.llm.adapters import AdapterRef
+    from app.llm.engine import GenerationEngine
+    from app.llm.loader import ModelSpec, load_model
+
+    if not (Path(env.ckpt) / "config.json").is_file():
+        make_checkpoint(env)
+    loaded = load_model(ModelSpec(env.ckpt, device=env.device))
+    WORK.mkdir(parents=True, exist_ok=True)
+    refs = []
+    for i in range(2):
+        make_adapter(env, loaded.linear_layers, WORK / f"p{i}", seed=i + 1)
+        refs.append(AdapterRef(key=f"p{i}", path=WORK / f"p{i}", label=f"p{i}"))
+    if args.compile:
+        log("compiled_layers", compile_decoder_layers(loaded.model))
+    engine = GenerationEngine(loaded, max_running=args.streams + 2, max_queued=64, max_adapters=4)
+    engine.start()
+    activities = [ProfilerActivity.CUDA] if env.cuda else [ProfilerActivity.CPU]
+
+    async def run() -> None:
+        ids = prompt_ids(1, 64)
+        started = time.perf_counter()
+        await stream(engine, ids, refs[0], 8, None)  # warm-up (and compilation, with --compile)
+        await asyncio.gather(*(stream(engine, ids, refs[i % 2] if i % 3 else None, 4 + i // 4, None)
+                               for i in range(args.streams)))  # fmt: skip
+        log("warm_up_s", round(time.perf_counter() - started, 1))
+        # One stream with an adapter.
+        env.sync()
+        t = time.perf_counter()
+        _, result, _ = await stream(engine, ids, refs[0], args.tokens, None)
+        env.sync()
+        log("single_adapter_tokens_per_s", round(result.completion_tokens / (time.perf_counter() - t), 1))
+        with profile(activities=activities) as prof:
+            await stream(engine, ids, refs[0], args.tokens, None)
+            env.sync()
+        log("single_adapter_kernels", kernels(prof, args.tokens, args.top))
+        # Many streams: short prompts, so the window is decoding steps.
+        cases = [(prompt_ids(10 + i, 64), refs[i % 2] if i % 3 else None) for i in range(args.streams)]
+        env.sync()
+        t = time.perf_counter()
+        outs = await asyncio.gather(*(stream(engine, p, ref, args.tokens, None) for p, ref in cases))
+        env.sync()
+        tokens = sum(r.completion_tokens for _, r, _ in outs)
+        log("streams_tokens_per_s", round(tokens / (time.perf_counter() - t), 1))
+        with profile(activities=activities) as prof:
+            await asyncio.gather(*(stream(engine, p, ref, args.tokens, None) for p, ref in cases))
+            env.sync()
+        log("streams_kernels", kernels(prof, args.tokens, args.top))
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.shutdown()
+    name = "decode_profile-compiled.json" if args.compile else "decode_profile.json"
+    path = Path(os.environ.get("OUT") or "/tmp") / name
+    path.write_text(json.dumps(results, indent=1, default=str))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
