@@ -5,7 +5,7 @@ python -m app serve                      migrate the database, then serve HOST:P
 python -m app migrate                    apply the database migrations
 python -m app create-user --email E --password P [--admin]
 python -m app set-password --email E [--password P]   (signs them out everywhere, revokes their API keys)
-python -m app create-api-key --email E [--name N]   (prints the key once)
+python -m app create-api-key --email E [--name N] [--rate-limit-per-minute R]   (prints the key once)
 python -m app build-demo-model [DIR]     build the embedded demo model
 """
 
@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     key = commands.add_parser("create-api-key", help="create an API key for a user and print it once")
     key.add_argument("--email", required=True)
     key.add_argument("--name", default="", help="a label to recognise the key by")
+    key.add_argument(
+        "--rate-limit-per-minute",
+        type=int,
+        default=None,
+        help="this key's own limit on requests for a reply, within its user's "
+        "(default: API_KEY_RATE_LIMIT_PER_MINUTE; 0: none of its own)",
+    )
     demo = commands.add_parser("build-demo-model", help="build the embedded demo model")
     demo.add_argument("directory", nargs="?", type=Path, help="default: DATA_DIR/models/demo")
     args = parser.parse_args(argv)
@@ -110,7 +117,16 @@ async def _manage(settings: Settings, args: argparse.Namespace) -> int:
                         return 1
                     print(f"new password set for {found.email}; their sessions and API keys are revoked")
                     return 0
-                key, _ = await auth.create_api_key(db, user=found, secret=settings.secret(), name=args.name)
+                if args.rate_limit_per_minute is not None and args.rate_limit_per_minute < 0:
+                    print(
+                        "error: --rate-limit-per-minute must be 0 or more (0: no limit of its own)",
+                        file=sys.stderr,
+                    )
+                    return 1
+                key, row = await auth.create_api_key(db, user=found, secret=settings.secret(), name=args.name)
+                if args.rate_limit_per_minute is not None:
+                    row.rate_limit_per_minute = args.rate_limit_per_minute
+                    await db.commit()
                 print(key)
     finally:
         await engine.dispose()

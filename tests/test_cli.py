@@ -92,3 +92,32 @@ def test_set_password_signs_the_user_out_everywhere(tmp_path: Path) -> None:
         assert await auth.authenticate(db, email="joe@example.com", password="second-pass") is not None
 
     with_db(settings, check)
+
+
+def test_an_api_key_can_have_a_rate_limit_of_its_own(tmp_path: Path) -> None:
+    from app.config import Settings
+    from app.models import ApiKey
+    from tests.conftest import with_db
+
+    assert (
+        cli(
+            "create-user", "--email", "ann@example.com", "--password", "long enough", data_dir=tmp_path
+        ).returncode
+        == 0
+    )
+    negative = cli(
+        "create-api-key", "--email", "ann@example.com", "--rate-limit-per-minute", "-1", data_dir=tmp_path
+    )
+    assert negative.returncode == 1 and "--rate-limit-per-minute must be 0 or more" in negative.stderr
+    for limit in ("5", None):
+        extra = ("--rate-limit-per-minute", limit) if limit else ()
+        issued = cli("create-api-key", "--email", "ann@example.com", *extra, data_dir=tmp_path)
+        assert issued.returncode == 0, issued.stderr
+    settings = Settings(_env_file=None, data_dir=tmp_path)  # type: ignore[call-arg]
+
+    async def limits(db: Any) -> list[int | None]:
+        from sqlalchemy import select
+
+        return list((await db.scalars(select(ApiKey.rate_limit_per_minute).order_by(ApiKey.id))).all())
+
+    assert with_db(settings, limits) == [5, None]  # None: API_KEY_RATE_LIMIT_PER_MINUTE

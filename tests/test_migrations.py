@@ -68,3 +68,46 @@ def test_sign_in_migration_keeps_existing_users_and_sessions_usable(database_url
             assert conn.execute(text("SELECT email FROM users")).scalar_one() == "old@example.com"
     finally:
         engine.dispose()
+
+
+def test_limits_migration_keeps_adapters_open_to_everyone_and_users_on_the_settings(
+    database_url: str,
+) -> None:
+    """0004 on a database with an adapter, a user and a key: the adapter stays open to everyone, and
+    the user and key follow the settings' limits (no overrides)."""
+    from sqlalchemy import text
+
+    config = alembic_config(async_database_url(database_url))
+    command.upgrade(config, "0003")
+    engine = create_engine(sync_url(database_url))
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO users (id, email, password_hash, role, is_active, created_at) "
+                    "VALUES (1, 'old@example.com', 'x', 'user', true, CURRENT_TIMESTAMP)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO api_keys (id, user_id, name, prefix, key_hash, created_at) "
+                    "VALUES (1, 1, 'script', 'pgpt-x', 'h', CURRENT_TIMESTAMP)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO adapters (id, name, is_default, created_at) "
+                    "VALUES (1, 'finance', false, CURRENT_TIMESTAMP)"
+                )
+            )
+        upgrade_database(async_database_url(database_url))
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT allowed_groups FROM adapters")).scalar_one() in ([], "[]")
+            user = conn.execute(text("SELECT rate_limit_per_minute, daily_token_quota FROM users")).one()
+            assert tuple(user) == (None, None)
+            assert conn.execute(text("SELECT rate_limit_per_minute FROM api_keys")).scalar_one() is None
+        command.downgrade(config, "0003")  # and back, keeping the rows
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT name FROM adapters")).scalar_one() == "finance"
+    finally:
+        engine.dispose()
