@@ -15,6 +15,9 @@ every new shape, and training batches come in a new shape at almost every pass: 
 steps ran slower with it than with the math fallback. So the block asks for the memory-efficient
 kernel, whose speed does not depend on having seen the shape before.
 
+A decoding step (one new token per row) needs no expansion at all: the 71 query heads against one
+key head are 71 queries of a one-head attention, so they are folded into the query length.
+
 The model code cannot be reached from outside, so `multi_query_attention()` swaps the torch
 function for the duration of a block. It changes no result, only the kernel, and only for one-head
 keys.

@@ -6,15 +6,16 @@ two requests touch the model at once. Callers on the event loop `submit()` a
 ends with a `GenerationResult`. `cancel()` on a stream takes effect before the next token.
 
 Scheduling is continuous batching: every round, up to `prefill_chunk` prompt tokens of newly
-admitted requests go through the model (a long prompt takes several rounds, so it never stalls the
-others' streams for its whole prefill), then one forward pass advances every decoding sequence by
-one token, each row with its own adapter (PEFT's `adapter_names=`; rows without one use the bare
-base). A sequence joins the batch when its prompt is done and leaves it the moment it finishes
-(app/llm/batch.py keeps the rows' KV caches side by side). Up to `max_running` sequences are
-admitted, within `max_batch_tokens` of KV cache; further requests wait in a bounded FIFO queue,
-and past that `submit()` raises `EngineOverloaded` at once (the API turns it into 429 +
-Retry-After). A request that fails fails alone: in its prefill, or, when a batched step runs out
-of memory, the newest sequence ends and the others go on.
+admitted requests go through the model (prompts that arrive together packed into one pass; a long
+prompt in chunks over several rounds, so it never stalls the others' streams for its whole
+prefill), then one forward pass advances every decoding sequence by one token, each row with its own
+adapter (app/llm/lora.py; rows without one use the bare base). A sequence joins the batch when its
+prompt is done and leaves it the moment it finishes (app/llm/batch.py keeps the rows' KV caches in
+fixed buffers, and on a GPU the step is replayed from a CUDA graph, app/llm/graphs.py). Up to
+`max_running` sequences are admitted, within `max_batch_tokens` of KV cache; further requests wait
+in a bounded FIFO queue, and past that `submit()` raises `EngineOverloaded` at once (the API turns
+it into 429 + Retry-After). A request that fails fails alone: in its prefill, or, when a batched
+step runs out of memory, the newest sequence ends and the others go on.
 
 Text comes out UTF-8-safe (a character split across tokens is held back until complete), and
 stop sequences are held back until they can be ruled out, so no stop text is ever streamed.
