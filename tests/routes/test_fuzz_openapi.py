@@ -92,6 +92,8 @@ OPERATIONS = [
     ("POST", "/api/admin/adapters/{name}/versions"),
     ("POST", "/api/admin/adapters/{name}/versions/{version}/{action}"),
     ("PUT", "/api/admin/default-adapter"),
+    ("PUT", "/api/admin/adapters/{name}/groups"),
+    ("GET", "/api/admin/usage"),
     ("GET", "/api/admin/audit"),
 ]
 # Per operation, half valid and half invalid requests (operations without parameters have one).
@@ -119,6 +121,8 @@ def test_the_json_apis_never_answer_500(api_schema: Any, fuzzed: FuzzedApp, meth
                     case.body[field] = MAX_TOKENS_LIMIT
         elif path == "/api/admin/default-adapter" and isinstance(case.body, dict):
             case.body["name"] = data.draw(st.sampled_from([ADAPTER, None]))
+        elif path.endswith("/groups") and isinstance(case.path_parameters, dict):
+            case.path_parameters["name"] = ADAPTER
         elif path.endswith("/{action}") and isinstance(case.path_parameters, dict):
             case.path_parameters["name"] = ADAPTER
             case.path_parameters["version"] = data.draw(st.integers(1, 3))
