@@ -297,6 +297,23 @@ async def set_user_limits(
     await db.commit()
 
 
+async def set_key_limit(db: AsyncSession, *, key: ApiKey, per_minute: int | None, actor: User) -> None:
+    """Give an API key its own requests per minute, within its user's (None: the setting; 0: none)."""
+    if key.rate_limit_per_minute == per_minute:
+        return  # nothing changes, nothing to audit
+    previous, key.rate_limit_per_minute = key.rate_limit_per_minute, per_minute
+    db.add(
+        AuditEvent(
+            actor_id=actor.id,
+            actor_email=actor.email,
+            action="api-key.limit",
+            target=f"{key.user.email} key {key.prefix}",
+            details={"rate_limit_per_minute": per_minute, "previous": previous},
+        )
+    )
+    await db.commit()
+
+
 @dataclass(frozen=True)
 class UserUsage:
     user: User

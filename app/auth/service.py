@@ -268,6 +268,12 @@ async def list_users(db: AsyncSession) -> Sequence[User]:
     return (await db.scalars(select(User).order_by(User.is_approved, User.email))).all()
 
 
+async def active_api_keys(db: AsyncSession) -> Sequence[ApiKey]:
+    """Every key that still works, oldest first (for the admins' users page)."""
+    query = select(ApiKey).where(ApiKey.revoked_at.is_(None)).order_by(ApiKey.id)
+    return (await db.scalars(query)).all()
+
+
 async def end_all_sign_ins(db: AsyncSession, user: User) -> None:
     """Revoke every session and API key of `user` (committed by the caller)."""
     now = utcnow()

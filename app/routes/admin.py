@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import usage
 from app.auth import service as auth
 from app.deps import AdminApiUser, AdminSession, DbDep, ServicesDep
-from app.models import Adapter, AdapterVersion, User
+from app.models import Adapter, AdapterVersion, ApiKey, User
 from app.registry import service
 from app.registry.archive import AdapterRejected
 from app.registry.intake import publish_archive
@@ -222,8 +222,11 @@ USER_ACTIONS = ("approve", "disable", "enable")
 async def _users(
     request: Request, services: Services, db: AsyncSession, session: Any, template: str
 ) -> Response:
+    keys: dict[int, list[ApiKey]] = {}
+    for key in await auth.active_api_keys(db):
+        keys.setdefault(key.user_id, []).append(key)
     return render(
-        request, services, template, session=session, users=await auth.list_users(db),
+        request, services, template, session=session, users=await auth.list_users(db), keys=keys,
         defaults=services.limit_defaults,
     )  # fmt: skip
 
@@ -253,6 +256,31 @@ async def user_limits_page(
     except usage.LimitError as error:
         return notice(request, services, sentence(error), status_code=422)
     await usage.set_user_limits(db, user=user, per_minute=per_minute, daily_tokens=daily, actor=session.user)
+    return await _users(request, services, db, session, "partials/users.html")
+
+
+@pages.post("/users/{user_id}/api-key-limit", response_class=HTMLResponse)
+async def key_limit_page(
+    request: Request,
+    services: ServicesDep,
+    db: DbDep,
+    session: AdminSession,
+    user_id: int,
+    key_id: Annotated[int, Form()],
+    rate_limit_per_minute: Annotated[str, Form()] = "",
+) -> Response:
+    """Give one of the user's API keys its own requests per minute, within theirs (empty: the
+    setting; 0: none of its own)."""
+    key = await db.get(ApiKey, key_id)
+    if key is None or key.user_id != user_id or key.revoked_at is not None:
+        return notice(
+            request, services, "No such API key (or it was revoked); reload the page.", status_code=404
+        )
+    try:
+        per_minute = usage.parse_limit(rate_limit_per_minute, "The key's requests per minute")
+    except usage.LimitError as error:
+        return notice(request, services, sentence(error), status_code=422)
+    await usage.set_key_limit(db, key=key, per_minute=per_minute, actor=session.user)
     return await _users(request, services, db, session, "partials/users.html")
 
 

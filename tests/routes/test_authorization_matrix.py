@@ -156,6 +156,9 @@ MATRIX: dict[tuple[str, str], Entry] = {
     # User A's limits left at the settings' (empty fields), as they are.
     ("POST", "/admin/users/{user_id}/limits"):
         Entry(*ADMIN_ACTION, form={"rate_limit_per_minute": "", "daily_token_quota": ""}, htmx=True),
+    # Key 1 is user A's (the world makes A's key first), left without a limit of its own.
+    ("POST", "/admin/users/{user_id}/api-key-limit"):
+        Entry(*ADMIN_ACTION, form={"key_id": "1", "rate_limit_per_minute": ""}, htmx=True),
     ("GET", "/api/admin/adapters"): Entry(*ADMIN_API),
     ("POST", "/api/admin/adapters/{name}/versions"): Entry(BEARER, REFUSED, REFUSED, "201", upload=True),
     ("POST", "/api/admin/adapters/{name}/versions/{version}/{action}"): Entry(*ADMIN_API),

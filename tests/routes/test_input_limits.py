@@ -54,6 +54,7 @@ FORMS: dict[tuple[str, str], dict[str, str]] = {
     ("POST", "/admin/default-adapter"): {"name": ""},
     ("POST", "/admin/users/{user_id}"): {"action": "approve"},
     ("POST", "/admin/users/{user_id}/limits"): {"rate_limit_per_minute": "", "daily_token_quota": ""},
+    ("POST", "/admin/users/{user_id}/api-key-limit"): {"key_id": "1", "rate_limit_per_minute": ""},
 }
 ROUTES = [*COOKIE_ROUTES, ("POST", "/login")]
 

@@ -269,3 +269,36 @@ def test_the_usage_page_shows_what_each_user_sent(
     assert mine["rate_limit_per_minute"] == 0 and mine["daily_token_quota"] == 0
     assert json.dumps(mine)  # plain JSON
     assert 'href="/admin/usage" aria-current="page"' in page_admin.get("/admin/usage").text
+
+
+def test_an_api_key_limited_on_the_users_page_is_refused_alone(
+    limits_server: LiveServer, page_admin: Member, member_factory
+) -> None:
+    member = member_factory(limits_server)
+    limited, free = api(limits_server, member.email), api(limits_server, member.email)
+    from app.models import ApiKey, User
+
+    async def key_ids(db: AsyncSession) -> list[int]:
+        query = select(ApiKey.id).join(User).where(User.email == member.email).order_by(ApiKey.id)
+        return list((await db.scalars(query)).all())
+
+    first, _ = with_db(limits_server.settings, key_ids)
+    uid = user_id(limits_server, member.email)
+    page = page_admin.get("/admin/users").text
+    assert f'name="key_id" value="{first}"' in page
+    saved = page_admin.post(
+        f"/admin/users/{uid}/api-key-limit", data={"key_id": first, "rate_limit_per_minute": "1"}
+    )
+    assert saved.status_code == 200 and 'name="rate_limit_per_minute" inputmode="numeric"' in saved.text
+    someone_elses = page_admin.post(
+        f"/admin/users/{user_id(limits_server, page_admin.email)}/api-key-limit",
+        data={"key_id": first, "rate_limit_per_minute": "5"},
+    )
+    assert someone_elses.status_code == 404
+
+    fresh_minute()
+    ask(limited, limits_server)
+    with pytest.raises(openai.RateLimitError) as refused:
+        ask(limited, limits_server)
+    assert "this API key's limit is 1 request a minute" in refused.value.response.json()["error"]["message"]
+    assert ask(free, limits_server).choices  # the user's other key goes on
