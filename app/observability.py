@@ -215,6 +215,12 @@ class PrometheusEngineMetrics(EngineMetrics):
         self.step_tokens.inc(max(tokens, 0))
 
     @_never_raises
+    def idle(self) -> None:
+        # Without this the gauges would keep the last step's figures while nothing runs.
+        self.batch_size.set(0)
+        self.queue_depth.set(0)
+
+    @_never_raises
     def prefill(self, tokens: int, seconds: float) -> None:
         self.prefill_tokens.inc(max(tokens, 0))
         self.prefill_duration.observe(seconds)

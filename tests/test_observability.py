@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 
@@ -11,6 +12,8 @@ import torch
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.llm.engine import GenerationEngine, GenerationRequest, SamplingParams
+from app.llm.loader import LoadedModel
 from app.llm.metrics import EngineMetrics
 from app.observability import GpuMemoryCollector, PrometheusEngineMetrics, ServerMetrics
 
@@ -24,7 +27,7 @@ def test_every_report_of_the_engine_interface_is_recorded() -> None:
     reports = [
         name for name, _ in inspect.getmembers(EngineMetrics, inspect.isfunction) if not name.startswith("_")
     ]
-    assert len(reports) == 10
+    assert len(reports) == 11
     for name in reports:
         assert getattr(PrometheusEngineMetrics, name) is not getattr(EngineMetrics, name), name
         assert inspect.signature(getattr(PrometheusEngineMetrics, name)) == inspect.signature(
@@ -139,3 +142,23 @@ def test_gpu_memory_is_read_at_scrape_time() -> None:
     assert 64 * 2**20 <= allocated <= reserved < total
     del held
     assert value(metrics.registry, "privategpt_gpu_memory_allocated_bytes", device="cuda:0") < allocated
+
+
+async def test_the_gauges_fall_to_zero_when_the_engine_has_nothing_to_do(tiny_model: LoadedModel) -> None:
+    registry = CollectorRegistry()
+    metrics = PrometheusEngineMetrics(registry)
+    engine = GenerationEngine(tiny_model, max_running=2, metrics=metrics)
+    engine.start()
+    try:
+        ids = tiny_model.tokenizer.encode("What is the leave policy?")
+        streams = [engine.submit(GenerationRequest(ids, SamplingParams(6, temperature=0))) for _ in range(3)]
+        await asyncio.gather(*(stream.collect() for stream in streams))
+        assert value(registry, "privategpt_step_batch_size_bucket", le="2.0") > 0, "they decoded together"
+        for _ in range(50):  # the worker reports idle once it has finished the round
+            if value(registry, "privategpt_batch_size") == 0:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        engine.shutdown()
+    assert value(registry, "privategpt_batch_size") == 0
+    assert value(registry, "privategpt_queue_depth") == 0

@@ -387,6 +387,8 @@ class GenerationEngine:
         with torch.inference_mode():
             while True:
                 with self._cond:
+                    if not (self._waiting or self._running):
+                        self.metrics.idle()
                     while not (self._stopping or self._waiting or self._running or self._calls):
                         self._cond.wait()
                     if self._stopping:

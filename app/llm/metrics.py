@@ -31,6 +31,9 @@ class EngineMetrics:
     def step(self, batch_size: int, queue_depth: int, tokens: int, seconds: float) -> None:
         """One decoding step: `batch_size` sequences, `tokens` sampled, `queue_depth` still waiting."""
 
+    def idle(self) -> None:
+        """Nothing is running or waiting: the batch and the queue are empty."""
+
     def prefill(self, tokens: int, seconds: float) -> None:
         """A prompt (or a chunk of one) went through the model."""
 
