@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy import exc as sql_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -29,7 +30,7 @@ from app.form_text import FormText
 from app.observability import RecordHttpMetrics, ServerMetrics
 from app.openai_protocol import error_body
 from app.routes import admin, auth, chat, health, metrics, openai_api
-from app.routes.html import is_htmx, render
+from app.routes.html import is_htmx, notice, render, sentence
 from app.services import build_services
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 # A chat message of MAX_MESSAGE_CHARS four-byte characters, percent-encoded, is 12 bytes a character:
 # 384 kB, well within.
 BROWSER_FORM_BYTES = 2**20
+# What a request that found the database unreachable (or every pooled connection busy) tells the
+# client to wait before trying again.
+DATABASE_RETRY_AFTER_S = 5
 
 # No inline script or style anywhere: the vendored htmx runs with eval and inline styles off.
 SECURITY_HEADERS = [
@@ -310,6 +314,33 @@ def _add_error_handlers(app: FastAPI) -> None:
             {"status": error.status_code, "detail": error.detail},
             status_code=error.status_code,
         )
+
+    # The database down, or every pooled connection held for longer than the pool's timeout: a 503
+    # that says so, with Retry-After, rather than a bare 500. pool_pre_ping (app.db) reconnects
+    # once it answers again, so the same process recovers without a restart.
+    @app.exception_handler(sql_errors.OperationalError)
+    @app.exception_handler(sql_errors.InterfaceError)
+    @app.exception_handler(sql_errors.TimeoutError)
+    async def database_unavailable(request: Request, error: Exception) -> Response:
+        log.error("the database is unavailable on %s %s: %s", request.method, request.url.path, error)
+        busy = isinstance(error, sql_errors.TimeoutError)
+        message = (
+            "the server is busy: every database connection is in use"
+            if busy
+            else f"the database is unavailable ({type(getattr(error, 'orig', None) or error).__name__})"
+        ) + f"; try again in {DATABASE_RETRY_AFTER_S} s"
+        headers = {"Retry-After": str(DATABASE_RETRY_AFTER_S)}
+        if _is_api(request):
+            code = "server_overloaded" if busy else "database_unavailable"
+            return JSONResponse(error_body(message, "server_error", code), 503, headers)
+        services = getattr(request.app.state, "services", None)
+        if is_htmx(request) and services is not None:
+            return notice(request, services, sentence(message), status_code=503, headers=headers)
+        if services is not None and "text/html" in request.headers.get("accept", ""):
+            return services.templates.TemplateResponse(
+                request, "pages/error.html", {"status": 503, "detail": message}, 503, headers
+            )
+        return JSONResponse({"detail": message}, 503, headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> Response:

@@ -29,6 +29,10 @@ SAVE_EVERY_S = 2.0
 KEEP_FINISHED_S = 60.0
 # The engine stops a reply before its next token; this only bounds a wedged model.
 STOP_WAIT_S = 30.0
+# A finished reply that cannot be stored (the database unreachable, or every connection busy) is
+# tried again this long before it is given up on: it would otherwise stay "streaming" in the
+# database, with only the text of its last periodic save.
+FINAL_SAVE_RETRY_S = 300.0
 
 
 class GenerationJob:
@@ -151,7 +155,7 @@ class JobManager:
             log.exception("generation job %s failed", job.message_id)
             job.stream.cancel()
             job.status, job.error = MessageStatus.FAILED, f"{type(error).__name__}: {error}"
-        await self._save(job)
+        await self._save_final(job)
         await self._record_usage(job)
         await job._finish()
         asyncio.get_running_loop().call_later(KEEP_FINISHED_S, self._jobs.pop, job.message_id, None)
@@ -171,12 +175,22 @@ class JobManager:
         except Exception:
             log.exception("could not count the tokens of generation job %s", job.message_id)
 
-    async def _save(self, job: GenerationJob) -> None:
+    async def _save_final(self, job: GenerationJob) -> None:
+        """Store the finished reply, retrying while the database does not take it; only then do
+        its streams end (`done` makes the page fetch the stored reply)."""
+        deadline = time.monotonic() + FINAL_SAVE_RETRY_S
+        wait = 0.5
+        while not await self._save(job) and time.monotonic() < deadline:
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 10.0)
+
+    async def _save(self, job: GenerationJob) -> bool:
+        """Store the reply as it is now; False when the database did not take it (logged)."""
         try:
             async with self.sessionmaker() as db:
                 message = await db.get(Message, job.message_id)
                 if message is None:  # the conversation was deleted meanwhile
-                    return
+                    return True
                 message.content = job.text
                 message.status = job.status
                 message.error = job.error
@@ -193,6 +207,8 @@ class JobManager:
                 await db.commit()
         except Exception:
             log.exception("could not store the reply of generation job %s", job.message_id)
+            return False
+        return True
 
 
 def _outcome(job: GenerationJob) -> tuple[MessageStatus, str | None]:

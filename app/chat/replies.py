@@ -95,6 +95,10 @@ async def start_reply(
         raise ChatError("there is no reply to regenerate")
     adapter = conversation_adapter(catalog, conversation, user)
     if not admitted:
+        # admit() counts in a session of its own: end this one's transaction first, so the request
+        # holds one pooled connection at a time. Holding one while waiting for another starved the
+        # pool under load (every connection held by a request waiting for a second: 500s after 30 s).
+        await db.commit()
         await admit(jobs.sessionmaker, user=user, defaults=limits)
     if user_text is None:
         await db.delete(messages.pop())

@@ -80,6 +80,7 @@ async def _start(
         if conversation is None:
             # Counted before the conversation is created, so a refusal leaves nothing behind.
             chats.clean_message(text or "")  # an empty message is refused before it counts
+            await db.commit()  # one pooled connection at a time (see start_reply)
             await admit(services.sessionmaker, user=session.user, defaults=services.limit_defaults)
             conversation = await chats.create_conversation(db, user=session.user, adapter_name=adapter)
         return await start_reply(
