@@ -219,12 +219,15 @@ async def _admit(
                     retry_after_s=until_midnight,
                     kind="tokens",
                 )
-        await _add_usage(db, user_id=user.id, day=today, requests=1, at=now)
-        if windows:  # the windows before this one are of no further use
+        if windows:
+            # Windows that ended are of no further use. The one just before this is left alone: a
+            # request that read the clock a moment earlier may still hold its row, and waiting for it
+            # while holding rows it waits for next (the day's usage) would deadlock on PostgreSQL.
             subjects = [subject for subject, _, _ in windows]
             await db.execute(
-                delete(RateWindow).where(RateWindow.subject.in_(subjects), RateWindow.minute < minute)
+                delete(RateWindow).where(RateWindow.subject.in_(subjects), RateWindow.minute < minute - 1)
             )
+        await _add_usage(db, user_id=user.id, day=today, requests=1, at=now)
         await db.commit()
     except BaseException:
         await db.rollback()

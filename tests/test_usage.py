@@ -152,3 +152,52 @@ def test_daily_token_quota_counts_tokens_from_every_process(database_url: str) -
                 await engine.dispose()
 
     asyncio.run(run())
+
+
+def test_requests_either_side_of_a_minute_boundary_race_safely_and_old_windows_go(database_url: str) -> None:
+    from sqlalchemy import select
+
+    from app.models import RateWindow
+
+    url = async_database_url(database_url)
+    upgrade_database(url)
+
+    async def run() -> None:
+        engines = [create_engine(url), create_engine(url)]
+        makers = [create_sessionmaker(engine) for engine in engines]
+        try:
+            async with makers[0]() as db:
+                user = await _user(db, "busy@example.com", rate_limit_per_minute=1000)
+                _, key = await auth.create_api_key(db, user=user, secret=b"s" * 32)
+                key.rate_limit_per_minute = 1000
+                await db.commit()
+            defaults = LimitDefaults()
+            boundary = datetime(2026, 11, 28, 12, 1, tzinfo=UTC)
+            # Clocks read a moment apart, either side of 12:01: all admitted, none deadlocked.
+            times = [boundary + timedelta(milliseconds=ms) for ms in (-50, 50) * 20]
+            results = await asyncio.gather(
+                *(
+                    admit(makers[i % 2], user=user, api_key=key, defaults=defaults, now=moment)
+                    for i, moment in enumerate(times)
+                )
+            )
+            assert results == [None] * len(times)
+
+            await admit(
+                makers[0], user=user, api_key=key, defaults=defaults, now=boundary + timedelta(minutes=1)
+            )
+            async with makers[1]() as db:
+                rows = (
+                    await db.execute(select(RateWindow.subject, RateWindow.minute, RateWindow.requests))
+                ).all()
+            minute = int(boundary.timestamp() // 60)
+            # At 12:02, 12:00 went; 12:01 stays (a request that read the clock a moment earlier may
+            # still hold its row).
+            expected = [(subject, minute, 20) for subject in (f"key:{key.id}", f"user:{user.id}")]
+            expected += [(subject, minute + 1, 1) for subject in (f"key:{key.id}", f"user:{user.id}")]
+            assert sorted(rows) == sorted(expected)
+        finally:
+            for engine in engines:
+                await engine.dispose()
+
+    asyncio.run(run())
