@@ -1,11 +1,14 @@
-"""Two server processes on one PostgreSQL database and one adapter store serve the same registry.
+"""Two server processes on one PostgreSQL database and one adapter store serve the same registry,
+and count the same limits.
 
 A change made through either process is served by the other within a few seconds: each polls the
-registry's revision counter (REGISTRY_POLL_SECONDS).
+registry's revision counter (REGISTRY_POLL_SECONDS). Requests through either count against one rate
+limit, in the database.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -64,6 +67,14 @@ def converge(condition, timeout: float = 15.0) -> float:  # type: ignore[no-unty
 
 @pytest.fixture
 def two_servers(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[str, str, str]]:
+    with serving_two(tmp_path, tiny_model_dir) as servers:
+        yield servers
+
+
+@contextlib.contextmanager
+def serving_two(tmp_path: Path, tiny_model_dir: Path, **settings: str) -> Iterator[tuple[str, str, str]]:
+    """Two `python -m app serve` processes on one new PostgreSQL database (with `settings` in their
+    environment); yields their URLs and an admin's API key."""
     with new_postgres_database() as database:
         env = {
             **os.environ,
@@ -73,6 +84,7 @@ def two_servers(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[str, str
             "DEVICE": "cpu",
             "SECRET_KEY": "convergence-test-secret-" + "y" * 16,
             "REGISTRY_POLL_SECONDS": "1",
+            **settings,
         }
         run = lambda *args: subprocess.run(  # noqa: E731
             [sys.executable, "-m", "app", *args],
@@ -133,3 +145,30 @@ def test_a_change_through_one_server_is_served_by_the_other(
     converge(lambda: "finance" not in models(first, key))
     with pytest.raises(openai.NotFoundError):
         ask(first, key, "finance")
+
+
+def test_both_servers_count_one_rate_limit_and_one_usage(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with serving_two(tmp_path, tiny_model_dir, RATE_LIMIT_PER_MINUTE="3") as (first, second, key):
+        if 60 - time.time() % 60 < 25:  # the window is the calendar minute: start early in one
+            time.sleep(60 - time.time() % 60 + 0.2)
+        admitted, refused = [], []
+        request = {
+            "model": str(tiny_model_dir),
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 3,
+        }
+        for url in (first, second) * 3:
+            response = httpx.post(
+                f"{url}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json=request,
+                timeout=60,
+            )
+            (admitted if response.status_code == 200 else refused).append(response)
+        assert len(admitted) == 3 and len(refused) == 3, [r.status_code for r in refused]
+        assert {r.status_code for r in refused} == {429}
+        assert all(r.json()["error"]["code"] == "rate_limit_exceeded" for r in refused)
+        tokens = sum(r.json()["usage"]["total_tokens"] for r in admitted)
+        for url in (first, second):  # the same figures through either
+            report = httpx.get(f"{url}/api/admin/usage", headers={"Authorization": f"Bearer {key}"}).json()
+            assert [(r["requests_today"], r["tokens_today"]) for r in report] == [(3, tokens)]
