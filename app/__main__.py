@@ -3,6 +3,7 @@
 python -m app serve                      migrate the database, then serve HOST:PORT (the demo
                                          model's first start trains the demo adapter first)
 python -m app migrate                    apply the database migrations
+python -m app wait-for-database [--timeout S]   wait until the database answers (containers start it first)
 python -m app create-user --email E --password P [--admin]
 python -m app set-password --email E [--password P]   (signs them out everywhere, revokes their API keys)
 python -m app create-api-key --email E [--name N] [--rate-limit-per-minute R]   (prints the key once)
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="migrate the database, then serve the chat and the API")
     commands.add_parser("migrate", help="apply the database migrations")
+    wait = commands.add_parser("wait-for-database", help="wait until the configured database answers")
+    wait.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds")
     user = commands.add_parser("create-user", help="create a user (or an admin) who signs in with a password")
     user.add_argument("--email", required=True)
     user.add_argument("--password", help="default: the PGPT_PASSWORD variable, else asked for")
@@ -60,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return serve(settings)
+    if args.command == "wait-for-database":
+        from app.migrate import wait_for_database
+
+        return 0 if wait_for_database(settings.sqlalchemy_url, timeout=args.timeout) else 1
     if args.command == "migrate":
         from app.migrate import upgrade_database
 
