@@ -36,11 +36,17 @@ from torch import nn
 PEFT_PREFIX = "base_model.model."
 
 
+# Passes of at most this many tokens on a GPU (decoding steps) apply LoRA with the Triton kernels of
+# app/llm/triton_lora.py, which read only each row's slot; bigger ones use the masked products.
+TRITON_MAX_TOKENS = 64
+
+
 @dataclass
 class SlotRows:
-    """Which slot's columns each row of the forward pass in progress uses (None: no row uses one)."""
+    """Which slot each row (or token) of the forward pass in progress uses (None: no LoRA at all)."""
 
-    mask: torch.Tensor | None = None  # [rows, 1, slots x R], 1 on the row's slot's columns
+    slots: torch.Tensor | None = None  # [rows, 1], or [rows, tokens] for packed prompts
+    mask: torch.Tensor | None = None  # [rows, 1 or tokens, slots x R], 1 on the slot's columns
 
 
 class BatchedLoraLinear(nn.Module):
@@ -68,9 +74,13 @@ class BatchedLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        mask = self.rows.mask
-        if mask is None:
+        mask, slots = self.rows.mask, self.rows.slots
+        if mask is None or slots is None:
             return y
+        if x.is_cuda and slots.shape == x.shape[:-1] and slots.numel() <= TRITON_MAX_TOKENS:
+            from app.llm.triton_lora import add_lora
+
+            return add_lora(y.contiguous(), x, self.lora_a, self.lora_b, slots.reshape(-1), self.rank)
         hidden = (
             torch.nn.functional.linear(x.to(self.lora_a.dtype), self.lora_a) * mask
         )  # [rows, tokens, SxR]
@@ -145,10 +155,11 @@ class LoraSlots:
         """Give the next forward pass's row i the adapter in `slots[i]`, or with [rows, tokens]
         slots each token its own (packed prompts); None: no LoRA at all."""
         if slots is None or self.rank == 0:
-            self.rows.mask = None
+            self.rows.slots = self.rows.mask = None
             return
         column_slot = torch.arange(self.slots * self.rank, device=slots.device) // self.rank
         by_token = slots if slots.dim() == 2 else slots[:, None]
+        self.rows.slots = by_token
         self.rows.mask = (column_slot == by_token[..., None]).to(self.dtype)
 
     def _layer(self, name: str) -> BatchedLoraLinear:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.llm import lora
 from app.llm.adapters import BASE, AdapterRef, ResidentAdapters
 from app.llm.loader import ModelSpec, load_model
 from tests.conftest import build_adapter
@@ -72,3 +73,26 @@ def test_an_unloaded_slot_leaves_nothing_behind_for_its_next_tenant(
         alone = fresh.forward([adapters[0].key], input_ids=ids).logits
     assert resident.evictions == 1
     torch.testing.assert_close(after, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on a CUDA GPU")
+def test_on_a_gpu_decoding_steps_use_the_triton_kernels_and_give_the_masked_products(
+    tiny_model_dir: Path, adapters: list[AdapterRef]
+) -> None:
+    """For a GPU machine with the whole stack (the benchmark GPU has no web stack: there
+    bench/lora_kernels.py compares the two ways on Falcon-7B's shapes)."""
+    served = load_model(ModelSpec(str(tiny_model_dir), device="cuda"))
+    resident = ResidentAdapters(served.model, max_resident=3)
+    for ref in adapters:
+        resident.acquire(ref)
+    rows = [adapters[0].key, None, adapters[1].key, adapters[2].key]
+    ids = torch.tensor([[5], [17], [42], [99]], device="cuda")  # one token per row: a decoding step
+    with torch.no_grad():
+        fused = resident.forward(rows, input_ids=ids).logits
+        lora.TRITON_MAX_TOKENS, kept = 0, lora.TRITON_MAX_TOKENS  # the masked products instead
+        try:
+            masked = resident.forward(rows, input_ids=ids).logits
+        finally:
+            lora.TRITON_MAX_TOKENS = kept
+    torch.testing.assert_close(fused.float(), masked.float(), rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(fused[0].float(), fused[1].float(), atol=1e-2), "the adapter changes the row"
