@@ -64,7 +64,9 @@ class Settings(BaseSettings):
     default_top_p: Annotated[float, Field(gt=0, le=1)] = 0.95
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     # Sequences decoding at once (in one batch); more wait in the queue, and past that requests get 429.
-    max_running_generations: Annotated[int, Field(ge=1)] = 4
+    # Unset: 32 on a GPU (a decoding step for 32 rows takes about three times one row's, H200 in
+    # docs/benchmarks.md) and 4 on the CPU.
+    max_running_generations: Annotated[int | None, Field(ge=1)] = None
     max_queued_generations: Annotated[int, Field(ge=0)] = 32
     # KV cache budget: the prompt + max_tokens of the running replies, summed, may not exceed this many
     # tokens (a reply that would waits). Unset: only MAX_RUNNING_GENERATIONS bounds it.
@@ -133,6 +135,12 @@ class Settings(BaseSettings):
     rate_limit_per_minute: Annotated[int, Field(ge=0)] = 0
     api_key_rate_limit_per_minute: Annotated[int, Field(ge=0)] = 0
     daily_token_quota: Annotated[int, Field(ge=0)] = 0
+
+    def running_generations(self, device_type: str) -> int:
+        """MAX_RUNNING_GENERATIONS, or its default for the device the model runs on."""
+        if self.max_running_generations is not None:
+            return self.max_running_generations
+        return 32 if device_type == "cuda" else 4
 
     @field_validator("database_url")
     @classmethod

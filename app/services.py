@@ -117,7 +117,7 @@ async def build_services(settings: Settings, *, metrics: ServerMetrics) -> Servi
     model = await asyncio.to_thread(load_configured_model, settings)
     engine = GenerationEngine(
         model,
-        max_running=settings.max_running_generations,
+        max_running=settings.running_generations(model.device.type),
         max_queued=settings.max_queued_generations,
         max_batch_tokens=settings.max_batch_tokens,
         prefill_chunk=settings.prefill_chunk_tokens,
