@@ -41,11 +41,13 @@ LABEL org.opencontainers.image.title="Private GPT" \
       org.opencontainers.image.description="Self-hosted chat on a 4-bit LLM with LoRA adapters"
 COPY --from=build /opt/python /opt/python
 COPY --from=build /opt/venv /opt/venv
-# A fixed uid/gid, so volumes and mounted model directories can be prepared for it on the host.
+# A fixed uid/gid, so volumes and mounted model directories can be prepared for it on the host. The
+# writable directories exist in the image with this owner: an empty named volume mounted on one
+# starts with that owner (compose: the data, adapter store, model cache and training runs volumes).
 RUN groupadd --system --gid 10001 privategpt \
  && useradd --system --uid 10001 --gid privategpt --home-dir /var/lib/private-gpt --shell /usr/sbin/nologin privategpt \
- && mkdir -p /var/lib/private-gpt /var/cache/huggingface /models \
- && chown privategpt:privategpt /var/lib/private-gpt /var/cache/huggingface
+ && mkdir -p /var/lib/private-gpt/adapters /var/cache/huggingface /models /srv/training /srv/runs \
+ && chown privategpt:privategpt /var/lib/private-gpt /var/lib/private-gpt/adapters /var/cache/huggingface /srv/runs
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
