@@ -30,6 +30,11 @@ class Quantization(StrEnum):
     NONE = "none"
 
 
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
 class Environment(StrEnum):
     DEVELOPMENT = "development"
     PRODUCTION = "production"
@@ -84,6 +89,10 @@ class Settings(BaseSettings):
     max_adapter_rank: Annotated[int, Field(ge=1)] = 256
     max_adapter_upload_mb: Annotated[int, Field(ge=1)] = 2048
     registry_poll_seconds: Annotated[float, Field(gt=0)] = 2.0
+
+    # Console logs: `text` for people, `json` (one object a line, with the request id) for a log
+    # collector.
+    log_format: LogFormat = LogFormat.TEXT
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
@@ -206,6 +215,10 @@ class Settings(BaseSettings):
         if self.environment is Environment.PRODUCTION:
             if self.secret_key is None:
                 raise ValueError("SECRET_KEY must be set in production (openssl rand -hex 32)")
+            if is_placeholder_secret(self.secret_key.get_secret_value()):
+                raise ValueError(
+                    "SECRET_KEY is a placeholder; set a random one in production (openssl rand -hex 32)"
+                )
             if not self.model_id:
                 raise ValueError(
                     "MODEL_ID must be set in production (the demo model is for trying things out)"
@@ -266,6 +279,14 @@ class Settings(BaseSettings):
             path.write_text(secrets.token_hex(32))
             path.chmod(0o600)
         return path.read_text().strip().encode()
+
+
+def is_placeholder_secret(value: str) -> bool:
+    """An example's value rather than a secret: 'change-me...', 'xxxx...', a run of one character."""
+    squashed = "".join(c for c in value.lower() if c.isalnum())
+    return (
+        any(word in squashed for word in ("changeme", "placeholder", "secretkey")) or len(set(squashed)) < 6
+    )
 
 
 def async_database_url(url: str) -> str:
