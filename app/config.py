@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+from datetime import timedelta
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -100,7 +101,11 @@ class Settings(BaseSettings):
     # production refuses to start without one.
     secret_key: SecretStr | None = None
     session_ttl_hours: Annotated[int, Field(ge=1)] = 24 * 7
-    # Mark cookies Secure (HTTPS only). Set it whenever the app is reached over HTTPS.
+    # A session unused for this many hours ends (the next request signs in again); 0: only
+    # SESSION_TTL_HOURS ends it.
+    session_idle_hours: Annotated[int, Field(ge=0)] = 24
+    # Mark cookies Secure (HTTPS only) and send Strict-Transport-Security. Set it whenever the app is
+    # reached over HTTPS (HSTS is also sent on any request that arrived over HTTPS).
     cookie_secure: bool = False
     # When set, GET /metrics answers only `Authorization: Bearer <token>` (metrics show how much the
     # server is used, and when); empty leaves it open, for a scraper inside the private network.
@@ -239,6 +244,10 @@ class Settings(BaseSettings):
         if self.max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("MAX_NEW_TOKENS must not exceed MAX_NEW_TOKENS_LIMIT")
         return self
+
+    @property
+    def session_idle(self) -> timedelta | None:
+        return timedelta(hours=self.session_idle_hours) if self.session_idle_hours else None
 
     @property
     def oidc_enabled(self) -> bool:

@@ -75,6 +75,8 @@ async def get_auth_session(request: Request, db: DbDep, services: ServicesDep) -
                     services.sign_in_policy,
                     secret=services.secret,
                     ttl=timedelta(hours=services.settings.session_ttl_hours),
+                    idle=services.settings.session_idle,
+                    client=client_of(request),
                 )
             except auth.UserError as error:
                 log.warning("ignored the trusted proxy's %s header: %s", proxy.user_header, error)
@@ -82,7 +84,15 @@ async def get_auth_session(request: Request, db: DbDep, services: ServicesDep) -
     token = request.cookies.get(SESSION_COOKIE)
     if not token:
         return None
-    return await auth.resolve_session(db, token=token, secret=services.secret)
+    return await auth.resolve_session(
+        db, token=token, secret=services.secret, idle=services.settings.session_idle
+    )
+
+
+def client_of(request: Request) -> auth.Client:
+    """The request's client, for the audit log and the account page's list of sessions."""
+    address = request.client.host if request.client else ""
+    return auth.Client(address=address, user_agent=request.headers.get("user-agent", ""))
 
 
 OptionalSession = Annotated[AuthSession | None, Depends(get_auth_session)]
@@ -127,6 +137,12 @@ async def check_csrf(request: Request, expected: str) -> None:
     """Refuse a state-changing request without this session's token, or from another origin."""
     check_same_origin(request)
     sent = request.headers.get(CSRF_HEADER)
+    if sent is None and request.headers.get("content-type", "").startswith("multipart/"):
+        # An adapter upload is up to MAX_ADAPTER_UPLOAD_MB: reading it to find the token would let
+        # anyone signed in make the server spool that much. The page's htmx sends the header.
+        raise HTTPException(
+            403, "missing or invalid CSRF token; an upload must send it in the X-CSRF-Token header"
+        )
     if sent is None:
         form = await request.form()
         value = form.get(CSRF_FIELD)

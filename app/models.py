@@ -129,6 +129,12 @@ class AuthSession(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # When a request last used it (at most a minute stale: see app.auth.service.touch), for
+    # SESSION_IDLE_HOURS and the account page; None: not since it was made.
+    last_seen_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Where it was made from, shown on the account page so people recognise their sessions.
+    client_address: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    user_agent: Mapped[str] = mapped_column(String(300), default="", server_default="")
 
     user: Mapped[User] = relationship(lazy="joined")
 
@@ -254,7 +260,9 @@ class AdapterVersion(Base):
 
 
 class AuditEvent(Base):
-    """Who did what to which adapter (or user): written by the application, never edited by it."""
+    """Who did what, to which adapter or user, and every sign-in (failed ones too): written by the
+    application (app/audit.py), never edited or deleted by it; migration 0005 makes the database
+    refuse UPDATE and DELETE on the table as well."""
 
     __tablename__ = "audit_events"
 

@@ -14,7 +14,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
-from app.models import Adapter, AdapterStatus, AdapterVersion, AuditEvent, RegistryState, User
+from app import audit
+from app.models import Adapter, AdapterStatus, AdapterVersion, RegistryState, User
 from app.registry.inspect import AdapterFacts
 from app.registry.store import StoredAdapter
 
@@ -45,20 +46,11 @@ async def revision(db: AsyncSession) -> int:
     return int(await db.scalar(select(RegistryState.revision).where(RegistryState.id == 1)) or 0)
 
 
-SERVER = "(server)"  # the actor recorded for changes the server makes itself
+SERVER = audit.SERVER  # the actor recorded for changes the server makes itself
 
 
 async def _changed(db: AsyncSession, actor: User | None, action: str, target: str, **details: Any) -> None:
-    email = actor.email if actor else SERVER
-    db.add(
-        AuditEvent(
-            actor_id=actor.id if actor else None,
-            actor_email=email,
-            action=action,
-            target=target,
-            details=details,
-        )
-    )
+    db.add(audit.event(actor, action, target, label=SERVER, **details))
     await db.execute(
         update(RegistryState).where(RegistryState.id == 1).values(revision=RegistryState.revision + 1)
     )
@@ -234,7 +226,3 @@ async def set_groups(db: AsyncSession, *, name: str, groups: Sequence[str], acto
     adapter.allowed_groups = cleaned
     await _changed(db, actor, "set-groups", name, groups=cleaned, previous=previous)
     return cleaned
-
-
-async def audit_log(db: AsyncSession, *, limit: int = 200) -> Sequence[AuditEvent]:
-    return (await db.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit))).all()

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+from urllib.parse import urlencode
 
-from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.datastructures import UploadFile
 
-from app import usage
+from app import audit, usage
 from app.auth import service as auth
 from app.deps import AdminApiUser, AdminSession, DbDep, ServicesDep
 from app.models import Adapter, AdapterVersion, ApiKey, User
@@ -32,6 +37,75 @@ api = APIRouter(prefix="/api/admin", tags=["admin API"])
 
 
 # -- the actions, shared by pages and API ---------------------------------------------------------
+
+
+ExportFormat = Literal["csv", "json"]
+
+
+class AuditQueryParams:
+    """The audit log's filters, as the page's form and the API take them (dates YYYY-MM-DD, UTC)."""
+
+    def __init__(
+        self,
+        actor: Annotated[str, Query(max_length=320, description="part of the actor's email")] = "",
+        action: Annotated[
+            str, Query(max_length=32, description="an action, or a family (user, sign-in)")
+        ] = "",
+        since: Annotated[str, Query(max_length=40, description="from this UTC day (YYYY-MM-DD)")] = "",
+        until: Annotated[
+            str, Query(max_length=40, description="to this UTC day, included (YYYY-MM-DD)")
+        ] = "",
+    ) -> None:
+        self.actor, self.action, self.since, self.until = actor, action, since, until
+
+    def parse(self) -> audit.AuditFilter:
+        return audit.parse_filter(actor=self.actor, action=self.action, since=self.since, until=self.until)
+
+
+@dataclass(frozen=True)
+class AdapterUpload:
+    file: UploadFile
+    name: str  # the form's (the page's); the API takes the name from the path
+    notes: str
+
+
+async def read_upload(request: Request) -> AsyncIterator[AdapterUpload]:
+    """The upload's form, read only now: the routes declare this after the admin check, and FastAPI
+    solves dependencies in order. Declared as File() and Form() parameters, the body (up to
+    MAX_ADAPTER_UPLOAD_MB) was read and spooled to disk before anyone looked at who sent it."""
+    async with request.form(max_files=1, max_fields=10) as form:
+        file = form.get("file")
+        if not isinstance(file, UploadFile):
+            raise HTTPException(422, "send the adapter archive (.zip or .tar.gz) as the form's 'file' field")
+        name, notes = form.get("name", ""), form.get("notes", "")
+        yield AdapterUpload(
+            file, name if isinstance(name, str) else "", notes if isinstance(notes, str) else ""
+        )
+
+
+UploadDep = Annotated[AdapterUpload, Depends(read_upload)]
+# The upload API's body, written out since no parameter declares it (see read_upload).
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": ".zip or .tar.gz of a PEFT LoRA adapter directory",
+                        },
+                        "notes": {"type": "string", "default": ""},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 async def upload(
@@ -146,12 +220,13 @@ async def upload_page(
     services: ServicesDep,
     db: DbDep,
     session: AdminSession,
-    name: Annotated[str, Form()],
-    file: Annotated[UploadFile, File()],
-    notes: Annotated[str, Form()] = "",
+    form: UploadDep,
 ) -> Response:
+    name = form.name
+    if not name.strip():
+        return notice(request, services, "Name the adapter: the name field is empty.", status_code=422)
     try:
-        version = await upload(services, db, session.user, name, notes, file)
+        version = await upload(services, db, session.user, name, form.notes, form.file)
     except (AdapterRejected, service.RegistryError) as error:
         return notice(request, services, f"Upload refused: {sentence(error)}", status_code=_status(error))
     response = await _adapters_page(request, services, db, session, partial=True, status_code=201)
@@ -209,14 +284,35 @@ async def default_page(
     return await _adapters_page(request, services, db, session, partial=True)
 
 
+AuditQuery = Annotated[AuditQueryParams, Depends()]
+
+
 @pages.get("/audit", response_class=HTMLResponse)
-async def audit_page(request: Request, services: ServicesDep, db: DbDep, session: AdminSession) -> Response:
+async def audit_page(
+    request: Request, services: ServicesDep, db: DbDep, session: AdminSession, query: AuditQuery
+) -> Response:
+    """The newest events the filter selects; the export links download all of them."""
+    try:
+        where = query.parse()
+    except audit.AuditFilterError as error:
+        return render(
+            request, services, "pages/admin_audit.html", session=session, events=[], query=query,
+            error=sentence(error), export="", status_code=422,
+        )  # fmt: skip
     return render(
-        request, services, "pages/admin_audit.html", session=session, events=await service.audit_log(db)
-    )
+        request, services, "pages/admin_audit.html", session=session, events=await audit.recent(db, where),
+        query=query, error="", export=urlencode(where.as_params()), limit=audit.PAGE_ROWS,
+    )  # fmt: skip
 
 
-USER_ACTIONS = ("approve", "disable", "enable")
+@pages.get("/audit/export")
+async def audit_export_page(
+    services: ServicesDep, _session: AdminSession, query: AuditQuery, format: ExportFormat = "csv"
+) -> Response:
+    return _export(services, query, format)
+
+
+USER_ACTIONS = ("approve", "disable", "enable", "sign-out")
 
 
 async def _users(
@@ -302,8 +398,8 @@ async def user_action_page(
     user_id: int,
     action: Annotated[str, Form()],
 ) -> Response:
-    """`approve` a user waiting for approval, `disable` one (ending all their sessions and API keys)
-    or `enable` one again."""
+    """`approve` a user waiting for approval, `disable` one (ending all their sessions and API keys),
+    `enable` one again, or `sign-out` one everywhere (ending their sessions; their keys go on)."""
     user = await db.get(User, user_id)
     if user is None:
         return notice(request, services, "No such user; reload the page.", status_code=404)
@@ -312,6 +408,8 @@ async def user_action_page(
             await auth.approve(db, user=user, actor=session.user)
         elif action in ("disable", "enable"):
             await auth.set_active(db, user=user, active=action == "enable", actor=session.user)
+        elif action == "sign-out":
+            await auth.end_sessions(db, user=user, actor=session.user)
         else:
             return notice(
                 request, services, f"Unknown action {action!r}; use one of {', '.join(USER_ACTIONS)}.",
@@ -348,19 +446,17 @@ async def list_adapters_api(db: DbDep, _admin: AdminApiUser) -> list[dict[str, A
 
 
 @api.post(
-    "/adapters/{name}/versions", status_code=201, responses={422: {"description": "the upload was refused"}}
+    "/adapters/{name}/versions",
+    status_code=201,
+    responses={422: {"description": "the upload was refused"}},
+    openapi_extra=UPLOAD_BODY,
 )
 async def upload_api(
-    services: ServicesDep,
-    db: DbDep,
-    admin: AdminApiUser,
-    name: str,
-    file: Annotated[UploadFile, File(description=".zip or .tar.gz of a PEFT LoRA adapter directory")],
-    notes: Annotated[str, Form()] = "",
+    services: ServicesDep, db: DbDep, admin: AdminApiUser, name: str, form: UploadDep
 ) -> Any:
     """Upload the next version of adapter `name`; once every check passes it is served at once."""
     try:
-        version = await upload(services, db, admin, name, notes, file)
+        version = await upload(services, db, admin, name, form.notes, form.file)
     except (AdapterRejected, service.RegistryError) as error:
         return _api_error(error)
     adapter = await service.get_adapter(db, name)
@@ -422,16 +518,48 @@ async def usage_api(services: ServicesDep, db: DbDep, _admin: AdminApiUser) -> l
     ]
 
 
-@api.get("/audit")
-async def audit_api(db: DbDep, _admin: AdminApiUser) -> list[dict[str, Any]]:
-    """Who uploaded, activated, rolled back, disabled or deleted what, newest first."""
-    return [
-        {
-            "at": e.at.isoformat(),
-            "actor": e.actor_email,
-            "action": e.action,
-            "target": e.target,
-            "details": e.details,
-        }
-        for e in await service.audit_log(db)
-    ]
+@api.get("/audit", responses={422: {"description": "a filter is not understood"}})
+async def audit_api(
+    db: DbDep, _admin: AdminApiUser, query: AuditQuery, limit: Annotated[int, Query(ge=1, le=1000)] = 200
+) -> Any:
+    """The newest `limit` audit events the filters select, newest first: sign-ins (failed ones too),
+    sign-outs, user and API-key administration, and every adapter registry change. All of them:
+    /api/admin/audit/export."""
+    try:
+        where = query.parse()
+    except audit.AuditFilterError as error:
+        return JSONResponse({"detail": str(error)}, 422)
+    return [audit.as_dict(e) for e in await audit.recent(db, where, limit=limit)]
+
+
+@api.get(
+    "/audit/export",
+    responses={
+        200: {"content": {"text/csv": {}, "application/json": {}}, "description": "every event selected"},
+        422: {"description": "a filter is not understood"},
+    },
+)
+async def audit_export_api(
+    services: ServicesDep, _admin: AdminApiUser, query: AuditQuery, format: ExportFormat = "csv"
+) -> Response:
+    """Every audit event the filters select, newest first, as a CSV or JSON download (streamed)."""
+    return _export(services, query, format)
+
+
+def _export(services: Services, query: AuditQueryParams, format: str) -> Response:
+    try:
+        where = query.parse()
+    except audit.AuditFilterError as error:
+        return JSONResponse({"detail": str(error)}, 422)
+    rows = audit.every_event(services.sessionmaker, where)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    body, media = (
+        (audit.csv_export(rows), "text/csv")
+        if format == "csv"
+        else (audit.json_export(rows), "application/json")
+    )
+    return StreamingResponse(
+        body,
+        media_type=f"{media}; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="audit-{stamp}.{format}"'},
+    )

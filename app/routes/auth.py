@@ -22,6 +22,7 @@ from app.deps import (
     OptionalSession,
     ServicesDep,
     check_same_origin,
+    client_of,
 )
 from app.models import AuthSession, SignInMethod, User
 from app.routes.html import redirect, render, sentence
@@ -113,6 +114,10 @@ async def login(
         )
     user = await auth.authenticate(db, email=email, password=password)
     if user is None:
+        await auth.record_failed_sign_in(
+            db, email=email, method=SignInMethod.PASSWORD, client=client_of(request),
+            reason="wrong email or password, or the account is disabled",
+        )  # fmt: skip
         return _login_page(
             request,
             services,
@@ -122,13 +127,13 @@ async def login(
             error="Wrong email or password.",
         )
     response = redirect(request, safe_next(next))
-    await _start_session(response, services, db, user, SignInMethod.PASSWORD)
+    await _start_session(request, response, services, db, user, SignInMethod.PASSWORD)
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
     return response
 
 
 async def _start_session(
-    response: Response, services: Services, db: DbDep, user: User, method: SignInMethod
+    request: Request, response: Response, services: Services, db: DbDep, user: User, method: SignInMethod
 ) -> AuthSession:
     token, session = await auth.start_session(
         db,
@@ -136,6 +141,7 @@ async def _start_session(
         secret=services.secret,
         ttl=timedelta(hours=services.settings.session_ttl_hours),
         method=method,
+        client=client_of(request),
     )
     response.set_cookie(
         SESSION_COOKIE,
@@ -194,11 +200,19 @@ async def oidc_callback(request: Request, services: ServicesDep, db: DbDep) -> R
         )
         user = await auth.sign_in_external(db, identity, services.sign_in_policy)
     except (OidcError, auth.UserError) as error:
+        await auth.record_failed_sign_in(
+            db, email="", method=SignInMethod.OIDC, client=client_of(request),
+            reason=str(error),
+        )  # fmt: skip
         failed = f"Sign-in failed: {sentence(error)}"
         response: Response = _login_page(request, services, next_url="/", status=400, error=failed)
         response.delete_cookie(STATE_COOKIE, path=STATE_COOKIE_PATH)
         return response
     if not user.is_active:
+        await auth.record_failed_sign_in(
+            db, email=user.email, method=SignInMethod.OIDC, client=client_of(request),
+            reason="the account is disabled",
+        )  # fmt: skip
         response = _login_page(
             request, services, next_url="/", status=403,
             error=f"The account {user.email} is disabled. Ask an administrator to enable it.",
@@ -206,7 +220,7 @@ async def oidc_callback(request: Request, services: ServicesDep, db: DbDep) -> R
         response.delete_cookie(STATE_COOKIE, path=STATE_COOKIE_PATH)
         return response
     response = Response(status_code=303, headers={"Location": safe_next(next_url)})
-    await _start_session(response, services, db, user, SignInMethod.OIDC)
+    await _start_session(request, response, services, db, user, SignInMethod.OIDC)
     response.delete_cookie(STATE_COOKIE, path=STATE_COOKIE_PATH)
     return response
 
