@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
 from app.config import async_database_url, sync_database_url
 from app.migrate import alembic_config, upgrade_database
@@ -30,6 +30,32 @@ def test_migrations_match_the_models_and_run_both_ways(database_url: str) -> Non
         with engine.connect() as conn:
             assert set(inspect(conn).get_table_names()) <= {"alembic_version"}
         upgrade_database(async_database_url(database_url))  # and forward again
+    finally:
+        engine.dispose()
+
+
+def test_every_migration_upgrades_from_the_one_before_and_downgrades_one_step(database_url: str) -> None:
+    """An upgrade path from every earlier release: empty -> 0001 -> ... -> head, one revision at a
+    time, each one's downgrade tried on the way (down one step, then up again). The schema at head
+    is then what the models describe, and head downgrades one step cleanly."""
+    from alembic.script import ScriptDirectory
+
+    config = alembic_config(async_database_url(database_url))
+    revisions = [r.revision for r in reversed(list(ScriptDirectory.from_config(config).walk_revisions()))]
+    assert len(revisions) >= 5 and revisions[0] == "0001"
+    engine = create_engine(sync_url(database_url))
+    try:
+        for revision in revisions:
+            command.upgrade(config, revision)
+            command.downgrade(config, "-1")
+            command.upgrade(config, revision)
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == revision
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        command.downgrade(config, "-1")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == revisions[-2]
     finally:
         engine.dispose()
 
