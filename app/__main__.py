@@ -55,12 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("directory", nargs="?", type=Path, help="default: DATA_DIR/models/demo")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = get_settings()
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
+    from app.logs import configure_logging
+
+    configure_logging(settings.log_format)
     if args.command == "serve":
         return serve(settings)
     if args.command == "wait-for-database":
@@ -218,7 +220,12 @@ def serve(settings: Settings) -> int:
     # Forwarded headers are applied inside the app (app.main.DirectPeer), after it has noted the
     # connection's own address for the trusted-proxy sign-in.
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, proxy_headers=False, log_level="info"
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        proxy_headers=False,
+        log_level="info",
+        log_config=None,  # app.logs.configure_logging has set the format (LOG_FORMAT) for uvicorn too
     )
     return 0
 

@@ -27,6 +27,7 @@ from app.chat.conversations import MAX_MESSAGE_CHARS
 from app.config import Settings, get_settings
 from app.deps import ApiAuthError, ApprovalPending, LoginRequired
 from app.form_text import FormText
+from app.logs import RequestId
 from app.observability import RecordHttpMetrics, ServerMetrics
 from app.openai_protocol import error_body
 from app.routes import admin, auth, chat, health, metrics, openai_api
@@ -210,6 +211,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(SecurityHeaders)
     # Outside the others, so it sees every answer, the other middleware's refusals included.
     app.add_middleware(RecordHttpMetrics, metrics=server_metrics.http)
+    # Every line logged for a request, and its reply's generation request, carry its id (app.logs).
+    app.add_middleware(RequestId)
     # Outermost: the first to see the connection's address (serve() turns uvicorn's own off).
     app.add_middleware(DirectPeer, forwarded_allow_ips=settings.forwarded_allow_ips)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -11,6 +11,7 @@ from app.chat.conversations import ChatError, add_exchange, clean_message, histo
 from app.chat.jobs import GenerationJob, JobManager
 from app.llm.engine import GenerationEngine, GenerationRequest, SamplingParams
 from app.llm.prompts import ChatTurn, build_prompt
+from app.logs import current_request_id, new_request_id
 from app.models import Conversation, Message, MessageRole, MessageStatus, User
 from app.registry.catalog import Catalog, ServedVersion, UnknownModel
 from app.usage import LimitDefaults, admit
@@ -49,7 +50,11 @@ def prompt_request(
         template=adapter.prompt_template if adapter else None,
     )
     return GenerationRequest(
-        prompt_ids=prompt.token_ids, sampling=sampling, adapter=catalog.ref(adapter) if adapter else None
+        prompt_ids=prompt.token_ids,
+        sampling=sampling,
+        adapter=catalog.ref(adapter) if adapter else None,
+        # The HTTP request's id (app.logs), so the engine's lines about this reply name it too.
+        request_id=current_request_id() or new_request_id(),
     )
 
 
