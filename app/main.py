@@ -30,7 +30,7 @@ from app.form_text import FormText
 from app.logs import RequestId
 from app.observability import RecordHttpMetrics, ServerMetrics
 from app.openai_protocol import error_body
-from app.routes import admin, auth, chat, health, metrics, openai_api
+from app.routes import account, admin, auth, chat, health, metrics, openai_api, schema
 from app.routes.html import is_htmx, notice, render, sentence
 from app.services import build_services
 
@@ -55,6 +55,9 @@ SECURITY_HEADERS = [
     (b"referrer-policy", b"same-origin"),
     (b"x-frame-options", b"DENY"),
 ]
+# Sent when COOKIE_SECURE says the site is reached over HTTPS, or the request came over HTTPS: the
+# browser then refuses plain HTTP to this host for a year.
+HSTS = (b"strict-transport-security", b"max-age=31536000")
 
 
 def _upload_refusal(limit: str) -> dict[str, Any]:
@@ -134,20 +137,32 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-class SecurityHeaders:
-    """Adds the security headers to every response (pure ASGI, so streams are not buffered)."""
+def security_headers(scope: Scope, *, https: bool) -> list[tuple[bytes, bytes]]:
+    """The headers every response carries (HSTS only over HTTPS: `https` is COOKIE_SECURE)."""
+    if https or scope.get("scheme") == "https":
+        return [*SECURITY_HEADERS, HSTS]
+    return SECURITY_HEADERS
 
-    def __init__(self, app: ASGIApp) -> None:
+
+class SecurityHeaders:
+    """Adds the security headers to every response (pure ASGI, so streams are not buffered).
+
+    Starlette answers an unhandled exception outside every middleware (ServerErrorMiddleware), so
+    the 500 handler in `_add_error_handlers` adds them itself."""
+
+    def __init__(self, app: ASGIApp, *, https: bool) -> None:
         self.app = app
+        self.https = https
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        headers = security_headers(scope, https=self.https)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+                message["headers"] = [*message.get("headers", []), *headers]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -188,7 +203,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await app.state.services.close()
 
-    app = FastAPI(title="Private GPT", version="0.1.0", lifespan=lifespan)
+    # The schema is for signed-in users (app.routes.schema); Swagger UI and ReDoc load scripts from a
+    # CDN and run inline ones, which the Content-Security-Policy (and an offline install) refuses.
+    app = FastAPI(
+        title="Private GPT",
+        version="0.1.0",
+        lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
     # Innermost: it reads along as the routes read the body, once the limits below let it in.
     app.add_middleware(FormText)
     # Browser forms carry a message, a title, a name: without a limit of their own a form's
@@ -208,7 +232,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         UploadLimit, max_bytes=openai_api.MAX_REQUEST_BYTES, prefixes=("/v1/",), refusal=_api_body_refusal
     )
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(SecurityHeaders, https=settings.cookie_secure)
     # Outside the others, so it sees every answer, the other middleware's refusals included.
     app.add_middleware(RecordHttpMetrics, metrics=server_metrics.http)
     # Every line logged for a request, and its reply's generation request, carry its id (app.logs).
@@ -221,6 +245,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.router,
         auth.router,
         chat.router,
+        account.router,
+        schema.router,
         openai_api.router,
         admin.pages,
         admin.api,
@@ -349,5 +375,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, error: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         if _is_api(request):
-            return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
-        return HTMLResponse("Internal server error; the details are in the server log.", status_code=500)
+            response: Response = JSONResponse(error_body("internal server error", "server_error"), 500)
+        else:
+            response = HTMLResponse("Internal server error; the details are in the server log.", 500)
+        # Sent from outside the middleware (see SecurityHeaders), so without its headers otherwise.
+        services = getattr(request.app.state, "services", None)
+        secure = bool(services and services.settings.cookie_secure)
+        response.raw_headers.extend(security_headers(request.scope, https=secure))
+        return response

@@ -16,7 +16,8 @@ from fastapi.responses import HTMLResponse, Response
 from app.auth import service as auth
 from app.deps import SESSION_COOKIE, CurrentSession, DbDep, ServicesDep
 from app.models import SignInMethod
-from app.routes.html import redirect, render
+from app.routes.html import forget_cookie, redirect, render
+from app.services import Services
 
 router = APIRouter(prefix="/account", tags=["account"], include_in_schema=False)
 
@@ -42,20 +43,24 @@ async def account_page(
 
 
 @router.post("/sessions/{session_id}/revoke")
-async def revoke_session(request: Request, db: DbDep, session: CurrentSession, session_id: int) -> Response:
+async def revoke_session(
+    request: Request, services: ServicesDep, db: DbDep, session: CurrentSession, session_id: int
+) -> Response:
     """End one of the person's sessions (this one included: then they are signed out here)."""
     if not await auth.revoke_session(db, user=session.user, session_id=session_id):
         raise HTTPException(404, "no such session of yours (it may have ended already); reload the page")
     if session_id == session.id:
-        return _signed_out(request)
+        return _signed_out(request, services)
     return redirect(request, "/account")
 
 
 @router.post("/sign-out-everywhere")
-async def sign_out_everywhere(request: Request, db: DbDep, session: CurrentSession) -> Response:
+async def sign_out_everywhere(
+    request: Request, services: ServicesDep, db: DbDep, session: CurrentSession
+) -> Response:
     """End every session of the person, this one too (their API keys stay: revoke those one by one)."""
     await auth.end_sessions(db, user=session.user, actor=session.user)
-    return _signed_out(request)
+    return _signed_out(request, services)
 
 
 @router.post("/api-keys", response_class=HTMLResponse)
@@ -80,7 +85,7 @@ async def revoke_key(request: Request, db: DbDep, session: CurrentSession, key_i
     return redirect(request, "/account")
 
 
-def _signed_out(request: Request) -> Response:
+def _signed_out(request: Request, services: Services) -> Response:
     response = redirect(request, "/login")
-    response.delete_cookie(SESSION_COOKIE)
+    forget_cookie(response, services, SESSION_COOKIE)
     return response

@@ -25,7 +25,7 @@ from app.deps import (
     client_of,
 )
 from app.models import AuthSession, SignInMethod, User
-from app.routes.html import redirect, render, sentence
+from app.routes.html import forget_cookie, redirect, render, sentence
 from app.services import Services
 
 router = APIRouter(tags=["auth"])
@@ -128,7 +128,7 @@ async def login(
         )
     response = redirect(request, safe_next(next))
     await _start_session(request, response, services, db, user, SignInMethod.PASSWORD)
-    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
+    forget_cookie(response, services, LOGIN_CSRF_COOKIE, path="/login")
     return response
 
 
@@ -206,7 +206,7 @@ async def oidc_callback(request: Request, services: ServicesDep, db: DbDep) -> R
         )  # fmt: skip
         failed = f"Sign-in failed: {sentence(error)}"
         response: Response = _login_page(request, services, next_url="/", status=400, error=failed)
-        response.delete_cookie(STATE_COOKIE, path=STATE_COOKIE_PATH)
+        forget_cookie(response, services, STATE_COOKIE, path=STATE_COOKIE_PATH)
         return response
     if not user.is_active:
         await auth.record_failed_sign_in(
@@ -217,17 +217,17 @@ async def oidc_callback(request: Request, services: ServicesDep, db: DbDep) -> R
             request, services, next_url="/", status=403,
             error=f"The account {user.email} is disabled. Ask an administrator to enable it.",
         )  # fmt: skip
-        response.delete_cookie(STATE_COOKIE, path=STATE_COOKIE_PATH)
+        forget_cookie(response, services, STATE_COOKIE, path=STATE_COOKIE_PATH)
         return response
     response = Response(status_code=303, headers={"Location": safe_next(next_url)})
     await _start_session(request, response, services, db, user, SignInMethod.OIDC)
-    response.delete_cookie(STATE_COOKIE, path=STATE_COOKIE_PATH)
+    forget_cookie(response, services, STATE_COOKIE, path=STATE_COOKIE_PATH)
     return response
 
 
 @router.post("/logout")
-async def logout(request: Request, db: DbDep, session: AnySession) -> Response:
+async def logout(request: Request, services: ServicesDep, db: DbDep, session: AnySession) -> Response:
     await auth.end_session(db, session)
     response = redirect(request, "/login")
-    response.delete_cookie(SESSION_COOKIE)
+    forget_cookie(response, services, SESSION_COOKIE)
     return response

@@ -62,3 +62,8 @@ def redirect(request: Request, url: str) -> Response:
     if is_htmx(request):
         return Response(status_code=204, headers={"HX-Redirect": url})
     return Response(status_code=303, headers={"Location": url})
+
+
+def forget_cookie(response: Response, services: Services, name: str, *, path: str = "/") -> None:
+    """Delete a cookie with the flags it was set with (Secure under COOKIE_SECURE, HttpOnly)."""
+    response.delete_cookie(name, path=path, secure=services.settings.cookie_secure, httponly=True)

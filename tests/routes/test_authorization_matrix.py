@@ -21,6 +21,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -33,6 +34,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.routing import Mount
 
+from app.auth.service import get_user_by_email
 from tests.conftest import (
     PASSWORD,
     LiveServer,
@@ -97,14 +99,8 @@ MATRIX: dict[tuple[str, str], Entry] = {
     ("GET", "/readyz"): Entry(*OPEN),
     # Behind METRICS_TOKEN (set on this server): a session or API key is not the scraper's token.
     ("GET", "/metrics"): Entry(BEARER, BEARER, BEARER, BEARER),
-    ("GET", "/openapi.json"): Entry(*OPEN),
-    ("HEAD", "/openapi.json"): Entry(*OPEN),
-    ("GET", "/docs"): Entry(*OPEN),
-    ("HEAD", "/docs"): Entry(*OPEN),
-    ("GET", "/docs/oauth2-redirect"): Entry(*OPEN),
-    ("HEAD", "/docs/oauth2-redirect"): Entry(*OPEN),
-    ("GET", "/redoc"): Entry(*OPEN),
-    ("HEAD", "/redoc"): Entry(*OPEN),
+    # The API's schema: anyone signed in (the cookie here) or holding an API key.
+    ("GET", "/openapi.json"): Entry(BEARER, "200", "200", "200"),
     ("GET", "/static/{path}"): Entry(*OPEN),
     ("HEAD", "/static/{path}"): Entry(*OPEN),
     # Sign-in and sign-out. A signed-in browser is sent on from the form, so it holds no login
@@ -112,6 +108,14 @@ MATRIX: dict[tuple[str, str], Entry] = {
     ("GET", "/login"): Entry("200", "303", "303", "303"),
     ("POST", "/login"): Entry("303", REFUSED, REFUSED, REFUSED),
     ("POST", "/logout"): Entry(SIGN_IN, "303", "303", "303"),
+    # The account page: one's own sessions and API keys. The session and key in the path are fresh
+    # ones of user A's (so A's own cells end something of A's, and the others' cells find nothing);
+    # signing out everywhere is done by a fresh user of the role's kind (see `send`).
+    ("GET", "/account"): Entry(SIGN_IN_PAGE, "200", "200", "200"),
+    ("POST", "/account/sessions/{session_id}/revoke"): Entry(SIGN_IN, "303", NOT_FOUND, NOT_FOUND),
+    ("POST", "/account/sign-out-everywhere"): Entry(SIGN_IN, "303", "303", "303"),
+    ("POST", "/account/api-keys"): Entry(SIGN_IN, "201", "201", "201", form={"name": "matrix"}),
+    ("POST", "/account/api-keys/{key_id}/revoke"): Entry(SIGN_IN, "303", NOT_FOUND, NOT_FOUND),
     # OpenID Connect: open to all, but this server has no OIDC_ISSUER (tests/routes/test_sign_in.py
     # drives the flow against a provider).
     ("GET", "/login/oidc"): Entry(NOT_FOUND, NOT_FOUND, NOT_FOUND, NOT_FOUND),
@@ -150,6 +154,7 @@ MATRIX: dict[tuple[str, str], Entry] = {
     ("POST", "/admin/adapters/{name}/groups"): Entry(*ADMIN_ACTION, form={"groups": ""}, htmx=True),
     ("GET", "/admin/usage"): Entry(*ADMIN_PAGE),
     ("GET", "/admin/audit"): Entry(*ADMIN_PAGE),
+    ("GET", "/admin/audit/export"): Entry(*ADMIN_PAGE),
     # User administration (approving user A, who is approved already, changes nothing).
     ("GET", "/admin/users"): Entry(*ADMIN_PAGE),
     ("POST", "/admin/users/{user_id}"): Entry(*ADMIN_ACTION, form={"action": "approve"}, htmx=True),
@@ -166,6 +171,7 @@ MATRIX: dict[tuple[str, str], Entry] = {
     ("PUT", "/api/admin/adapters/{name}/groups"): Entry(*ADMIN_API, json={"groups": []}),
     ("GET", "/api/admin/usage"): Entry(*ADMIN_API),
     ("GET", "/api/admin/audit"): Entry(*ADMIN_API),
+    ("GET", "/api/admin/audit/export"): Entry(*ADMIN_API),
 }
 # fmt: on
 
@@ -327,7 +333,45 @@ def path_parameters(world: World, role: str, method: str, path: str) -> dict[str
         "version": "1",
         "action": "activate",
         "path": "css/app.css",
+        "session_id": fresh_session(world) if "{session_id}" in path else "",
+        "key_id": fresh_key(world) if "{key_id}" in path else "",
     }
+
+
+def fresh_session(world: World) -> str:
+    """A new session of user A's, to end (made here, not signed in: a sign-in would be audited, and
+    the cell's snapshot is taken before)."""
+    from app.models import AuthSession, utcnow
+
+    async def start(db: AsyncSession) -> str:
+        user = await get_user_by_email(db, world.people[OWNER].email)
+        assert user is not None
+        row = AuthSession(
+            token_hash=uuid.uuid4().hex,
+            user_id=user.id,
+            csrf_token="x",
+            expires_at=utcnow() + timedelta(hours=1),
+        )
+        db.add(row)
+        await db.commit()
+        return str(row.id)
+
+    return with_db(world.server.settings, start)
+
+
+def fresh_key(world: World) -> str:
+    """A new API key of user A's, to revoke (made here, for the same reason)."""
+    from app.models import ApiKey
+
+    async def make(db: AsyncSession) -> str:
+        user = await get_user_by_email(db, world.people[OWNER].email)
+        assert user is not None
+        row = ApiKey(user_id=user.id, prefix="pgpt-matrix", key_hash=uuid.uuid4().hex)
+        db.add(row)
+        await db.commit()
+        return str(row.id)
+
+    return with_db(world.server.settings, make)
 
 
 def send(world: World, role: str, method: str, path: str, entry: Entry) -> tuple[str, httpx.Response]:
@@ -346,6 +390,13 @@ def send(world: World, role: str, method: str, path: str, entry: Entry) -> tuple
                 # Sign-out ends the session: end a fresh one, so this role's session lives on.
                 client.close()
                 member = sign_in(world.server, person.email)
+                client = member.client
+            elif path == "/account/sign-out-everywhere":
+                # It ends every session of the user: a throwaway user's, of the role's kind.
+                client.close()
+                email = f"{role}-{uuid.uuid4().hex[:8]}@example.com"
+                create_user(world.server.settings, email, admin=role == ADMIN)
+                member = sign_in(world.server, email)
                 client = member.client
             else:
                 client.cookies = httpx.Cookies(member.client.cookies)

@@ -98,6 +98,8 @@ def target(world: World, method: str, path: str) -> tuple[str, dict[str, str], d
         version="1",
         action="disable",
         user_id=user_id(world, world.people[OTHER].email) if "{user_id}" in path else "",
+        session_id="1",  # the first session and API key made: user A's
+        key_id="1",
     )
     form = dict(entry.form or {})
     if path == "/admin/default-adapter":

@@ -55,6 +55,7 @@ FORMS: dict[tuple[str, str], dict[str, str]] = {
     ("POST", "/admin/users/{user_id}"): {"action": "approve"},
     ("POST", "/admin/users/{user_id}/limits"): {"rate_limit_per_minute": "", "daily_token_quota": ""},
     ("POST", "/admin/users/{user_id}/api-key-limit"): {"key_id": "1", "rate_limit_per_minute": ""},
+    ("POST", "/account/api-keys"): {"name": "laptop"},
 }
 ROUTES = [*COOKIE_ROUTES, ("POST", "/login")]
 
@@ -107,7 +108,7 @@ class Site:
     def url(self, path: str) -> str:
         return path.format(
             conversation_id=self.conversation, message_id=self.message, user_id=self.user_id,
-            name="none", version="1", action="activate",
+            name="none", version="1", action="activate", session_id="1", key_id="1",
         )  # fmt: skip
 
     def snapshot(self) -> tuple[Any, ...]:
@@ -230,6 +231,7 @@ ALL_OPTIONAL = {
     ("POST", "/c/{conversation_id}/adapter"),
     ("POST", "/admin/default-adapter"),
     ("POST", "/admin/users/{user_id}/limits"),  # empty fields: the settings' limits
+    ("POST", "/account/api-keys"),  # a key without a name
 }
 MALFORMED_CASES = [
     (method, path, kind)
