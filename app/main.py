@@ -30,6 +30,7 @@ from app.form_text import FormText
 from app.logs import RequestId
 from app.observability import RecordHttpMetrics, ServerMetrics
 from app.openai_protocol import error_body
+from app.registry.store import StoreFull
 from app.routes import account, admin, auth, chat, health, metrics, openai_api, schema
 from app.routes.html import is_htmx, notice, render, sentence
 from app.services import build_services
@@ -370,6 +371,14 @@ def _add_error_handlers(app: FastAPI) -> None:
                 request, "pages/error.html", {"status": 503, "detail": message}, 503, headers
             )
         return JSONResponse({"detail": message}, 503, headers)
+
+    @app.exception_handler(StoreFull)
+    async def store_full(request: Request, error: StoreFull) -> Response:
+        log.error("adapter upload refused: %s", error)
+        services = getattr(request.app.state, "services", None)
+        if is_htmx(request) and services is not None:
+            return notice(request, services, f"Upload refused: {sentence(error)}", status_code=507)
+        return JSONResponse({"detail": str(error)}, 507)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> Response:

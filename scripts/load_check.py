@@ -554,11 +554,10 @@ class LoadReport:
             ("  reply missing / unfinished", f"{a.replies_missing} / {a.replies_unfinished}"),
             ("TTFT p50 / p90 / p99 ms", "{p50_ms} / {p90_ms} / {p99_ms}".format(**s["ttft"])),
             ("total p50 / p90 / p99 ms", "{p50_ms} / {p90_ms} / {p99_ms}".format(**s["total"])),
-            (
-                "RSS before / after / settled MiB",
-                f"{m['before']:.0f} / {m['after']:.0f} / {m['settled']:.0f}",
-            ),
-            ("wall time s", f"{self.wall_s:.1f}"),
+            ("RSS before the load MiB", m["before"]),
+            ("RSS after each round MiB", " / ".join(str(v) for v in m["after"])),
+            ("RSS settled after each round MiB", " / ".join(str(v) for v in m["settled"])),
+            ("rounds; wall time of the load s", f"{self.config['rounds']}; {self.wall_s:.1f}"),
         ]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

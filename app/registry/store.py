@@ -16,6 +16,7 @@ can check a version by hand:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -37,6 +38,10 @@ class StoredAdapter:
     path: Path
     size_bytes: int  # all files together
     files: tuple[str, ...]  # relative POSIX paths, sorted
+
+
+class StoreFull(Exception):
+    """The store's file system is out of space (or quota): the upload is refused, nothing kept."""
 
 
 class AdapterStore:
@@ -64,11 +69,25 @@ class AdapterStore:
     @contextlib.contextmanager
     def incoming(self) -> Iterator[Path]:
         """A fresh empty directory to unpack an upload into; removed on exit, whatever happened."""
-        staged = Path(tempfile.mkdtemp(dir=self._incoming))
+        try:
+            staged = Path(tempfile.mkdtemp(dir=self._incoming))
+        except OSError as error:
+            raise self._full(error) from error
         try:
             yield staged
+        except OSError as error:
+            raise self._full(error) from error
         finally:
             _remove_tree(staged)  # already gone when commit() moved it into place
+
+    def _full(self, error: OSError) -> Exception:
+        """A full disk, said as such (the upload streams to disk here; ENOSPC was a bare 500)."""
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        return StoreFull(
+            f"the adapter store ({self.root}) is out of disk space, so nothing was stored; "
+            "free space there (or delete versions no longer served) and upload again"
+        )
 
     def commit(self, staged: Path) -> StoredAdapter:
         """Move a directory from `incoming()` into the store under its content's sha256."""
