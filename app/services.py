@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from fastapi.templating import Jinja2Templates
@@ -22,17 +23,22 @@ from app.db import create_engine, create_sessionmaker
 from app.llm.demo import ensure_demo_model, is_demo_model
 from app.llm.engine import GenerationEngine
 from app.llm.loader import LoadedModel, ModelLoadError, ModelSpec, load_model
+from app.models import utcnow
 from app.observability import ServerMetrics
 from app.registry.archive import ArchiveLimits
 from app.registry.catalog import Catalog
 from app.registry.inspect import BaseIdentity
 from app.registry.intake import Intake
 from app.registry.store import AdapterStore
+from app.replicas import ReplicaPresence
 from app.usage import LimitDefaults
 
 log = logging.getLogger(__name__)
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+# Longer than any reply runs (MAX_NEW_TOKENS_LIMIT tokens, after its wait in the queue): a reply
+# still "streaming" after this long was cut by a stop, whichever replica ran it.
+LONGEST_REPLY = timedelta(hours=1)
 
 
 class StartupError(RuntimeError):
@@ -58,6 +64,8 @@ class Services:
     trusted_proxy: TrustedProxy | None = None
     oidc: OidcClient | None = None
     sign_in_policy: SignInPolicy = field(default_factory=SignInPolicy)
+    # This process's presence among the replicas sharing the database (app/replicas.py).
+    presence: ReplicaPresence | None = None
 
     @property
     def reply_settings(self) -> ReplySettings:
@@ -83,6 +91,8 @@ class Services:
         await self.jobs.shutdown()
         await asyncio.to_thread(self.engine.shutdown)
         await self.db_engine.dispose()
+        if self.presence is not None:
+            await self.presence.leave()
 
 
 def load_configured_model(settings: Settings) -> LoadedModel:
@@ -107,8 +117,12 @@ async def build_services(settings: Settings, *, metrics: ServerMetrics) -> Servi
     secret = settings.secret()
     db_engine = create_engine(settings.sqlalchemy_url)
     sessionmaker = create_sessionmaker(engine=db_engine)
+    presence = await ReplicaPresence.join(settings.sqlalchemy_url)
+    # Alone, every reply left streaming was cut by a stop. With other replicas running, the recent
+    # ones may be theirs, live: only replies older than any reply runs are marked.
+    begun_before = None if presence.alone else utcnow() - LONGEST_REPLY
     async with sessionmaker() as db:
-        interrupted = await mark_interrupted_replies(db)
+        interrupted = await mark_interrupted_replies(db, begun_before=begun_before)
     if interrupted:
         log.warning(
             "%d replies were cut off by the last shutdown; they keep their text, marked interrupted",
@@ -171,4 +185,5 @@ async def build_services(settings: Settings, *, metrics: ServerMetrics) -> Servi
             admin_groups=frozenset(settings.admin_groups),
             require_approval=settings.new_users_require_approval,
         ),
+        presence=presence,
     )

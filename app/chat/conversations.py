@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -150,12 +151,15 @@ async def add_exchange(
     return user_message, reply
 
 
-async def mark_interrupted_replies(db: AsyncSession) -> int:
-    """At start-up: replies left streaming by a stopped server keep their text, marked interrupted."""
-    result = await db.execute(
-        update(Message)
-        .where(Message.status == MessageStatus.STREAMING)
-        .values(status=MessageStatus.INTERRUPTED, error=INTERRUPTED_ERROR)
-    )
+async def mark_interrupted_replies(db: AsyncSession, *, begun_before: datetime | None = None) -> int:
+    """At start-up: replies left streaming by a stopped server keep their text, marked interrupted.
+
+    `begun_before`: only replies begun before then (other replicas are running, and the newer
+    streaming replies may be theirs, live).
+    """
+    query = update(Message).where(Message.status == MessageStatus.STREAMING)
+    if begun_before is not None:
+        query = query.where(Message.created_at < begun_before)
+    result = await db.execute(query.values(status=MessageStatus.INTERRUPTED, error=INTERRUPTED_ERROR))
     await db.commit()
     return int(getattr(result, "rowcount", 0) or 0)
