@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -115,7 +116,10 @@ async def start_reply(
     sampling = SamplingParams(
         max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p
     )
-    stream = engine.submit(prompt_request(engine, turns, sampling, adapter, catalog))
+    # Rendering and tokenizing the whole history takes milliseconds on a long one: off the event loop
+    # (encode() without truncation or padding changes no tokenizer state, so threads may share it).
+    request = await asyncio.to_thread(prompt_request, engine, turns, sampling, adapter, catalog)
+    stream = engine.submit(request)
     try:
         user_message, reply = await add_exchange(db, conversation=conversation, user_text=user_text)
     except BaseException:

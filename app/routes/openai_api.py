@@ -116,6 +116,9 @@ async def chat_completions(
         raise ApiError(
             400, "the last message must come from the user", "invalid_request_error", None, "messages"
         )
+    if settings.system_prompt and not any(turn.role == "system" for turn in turns):
+        # As the chat does: the demo adapter (and any trained on the sample data) learnt with it.
+        turns.insert(0, ChatTurn("system", settings.system_prompt))
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.max_new_tokens
     if max_tokens > settings.max_new_tokens_limit:
         raise ApiError(
@@ -134,7 +137,10 @@ async def chat_completions(
         stop=body.stop_sequences(),
     )
     try:
-        prompt = prompt_request(services.engine, turns, sampling, adapter, services.catalog)
+        # Rendering and tokenizing a long conversation takes milliseconds: off the event loop.
+        prompt = await asyncio.to_thread(
+            prompt_request, services.engine, turns, sampling, adapter, services.catalog
+        )
     except (PromptTooLong, ValueError) as error:
         raise ApiError(
             400, str(error), "invalid_request_error", "context_length_exceeded", "messages"

@@ -7,7 +7,9 @@ greedy decoding, so "served by adapter X" is checked by exact output, not by a l
 from __future__ import annotations
 
 import re
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -209,6 +211,44 @@ def test_admin_pages_and_api_refuse_users(greedy_server: LiveServer, member_fact
     admin_member = member_factory(greedy_server, admin=True)
     page = admin_member.get("/admin/adapters")
     assert page.status_code == 200 and "Upload a version" in page.text
+
+
+def announce_upload(server: LiveServer, path: str, headers: dict[str, str]) -> tuple[bytes, float]:
+    """POST the start of a 1 GB multipart upload (64 kB of it) and read the answer: what it said and
+    how long it took. The rest is never sent, so an answer means the server did not wait for it."""
+    length = 2**30
+    first = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.zip"\r\n\r\n' + b"\0" * 65536
+    lines = [
+        f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{server.port}", "Connection: close",
+        "Content-Type: multipart/form-data; boundary=xyz", f"Content-Length: {length}",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]  # fmt: skip
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        started = time.monotonic()
+        connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + first)
+        answer = connection.recv(4096)
+        return answer, time.monotonic() - started
+
+
+def test_an_upload_from_someone_not_an_admin_is_refused_before_its_body_is_read(
+    greedy_server: LiveServer, member_factory
+) -> None:  # type: ignore[no-untyped-def]
+    member = member_factory(greedy_server)
+    key = create_api_key(greedy_server.settings, member.email)
+    cookie = f"pgpt_session={member.client.cookies['pgpt_session']}"
+    cases = [
+        ("/admin/adapters", {"Cookie": cookie, "X-CSRF-Token": member.csrf, "HX-Request": "true"}, b"403"),
+        ("/admin/adapters", {"Cookie": cookie}, b"403"),  # the token must be in the header for an upload
+        ("/admin/adapters", {}, b"401"),
+        ("/api/admin/adapters/big/versions", {"Authorization": f"Bearer {key}"}, b"403"),
+        ("/api/admin/adapters/big/versions", {}, b"401"),
+    ]
+    for path, headers, status in cases:
+        answer, took = announce_upload(greedy_server, path, headers)
+        assert answer.startswith(b"HTTP/1.1 " + status + b" "), (path, headers.keys(), answer[:200])
+        assert took < 5, (path, took)
+    listed = httpx.get(f"{greedy_server.url}/api/admin/adapters", headers=make_admin(greedy_server).headers)
+    assert "big" not in [adapter["name"] for adapter in listed.json()]
 
 
 def test_publishing_while_a_reply_streams_leaves_that_reply_alone(

@@ -109,3 +109,27 @@ def test_a_client_that_hangs_up_frees_the_model(client: openai.OpenAI, server: L
     with httpx.stream("POST", url, headers=headers, json={**body, "stream": True}, timeout=10) as response:
         assert next(response.iter_lines()).startswith("data: ")
     assert wait_until_idle() == {"running": 0, "waiting": 0}
+
+
+def test_a_request_without_a_system_message_gets_the_servers_system_prompt(
+    client: openai.OpenAI, server: LiveServer
+) -> None:
+    """As the chat always sends SYSTEM_PROMPT (the demo adapter learnt with it), so does the API when
+    the request has no system message of its own; one it sends replaces it."""
+
+    def ask(messages: list[dict[str, str]]) -> tuple[int, str]:
+        reply = client.chat.completions.create(
+            model=server.settings.model_name,
+            messages=messages,
+            max_tokens=8,
+            temperature=0,  # type: ignore[arg-type]
+        )
+        assert reply.usage is not None
+        return reply.usage.prompt_tokens, reply.choices[0].message.content or ""
+
+    question = {"role": "user", "content": "What is the travel policy?"}
+    assert server.settings.system_prompt
+    bare = ask([question])
+    assert bare == ask([{"role": "system", "content": server.settings.system_prompt}, question])
+    own = ask([{"role": "system", "content": "Be brief."}, question])
+    assert own[0] < bare[0]  # the short system message instead of SYSTEM_PROMPT, not as well
