@@ -5,12 +5,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test train install install-dev chromium lint format migrate lock clean
+.PHONY: run test train install install-dev chromium caddy lint format migrate lock clean
 
 run: $(VENV)/.installed
 	$(BIN)/python -m app serve
 
-test: $(VENV)/.installed-dev chromium
+test: $(VENV)/.installed-dev chromium caddy
 	$(BIN)/ruff check app training tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
@@ -48,6 +48,13 @@ chromium:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "Install Chromium (Debian/Ubuntu: sudo apt-get install chromium) for the browser tests"; exit 1; fi; }
+
+# tests/deploy parses deploy/Caddyfile with Caddy itself (skipped, with the reason, without it).
+caddy:
+	@command -v caddy >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq caddy >/dev/null; \
+	  else echo "Install Caddy (Debian/Ubuntu: sudo apt-get install caddy) to check deploy/Caddyfile"; fi; }
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check app training tests bench
