@@ -338,7 +338,12 @@ def test_database_unreachable_gives_clear_503s_and_the_server_recovers(
             assert error["code"] == "database_unavailable" and "database is unavailable" in error["message"]
             ready = httpx.get(f"{live.url}/readyz", timeout=30)
             assert ready.status_code == 503 and "the database does not answer" in ready.json()["problems"][0]
-            time.sleep(2)  # the reply has finished on the model; its final save keeps failing
+            deadline = time.monotonic() + 30
+            while live.services.engine.load() != {"running": 0, "waiting": 0} and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert live.services.engine.load() == {"running": 0, "waiting": 0}  # the reply has finished
+            time.sleep(1)  # and its final save has failed at least once
+            assert not ended.done()  # its stream ends only once the reply is stored
 
             proxy.start()  # the database is back, on the same address
             assert client.get("/").status_code == 200
