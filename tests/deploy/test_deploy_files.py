@@ -72,6 +72,11 @@ def test_app_gets_a_gpu_and_starts_after_the_database_and_the_migrations() -> No
     assert "postgres:/var/lib/postgresql/data" in services["db"]["volumes"]
     assert ":latest" not in services["db"]["image"] and ":latest" not in services["proxy"]["image"]
     assert "profiles" not in app and "profiles" not in services["db"]
+    # Every setting in .env reaches the app; what the container needs wins over it.
+    assert app["env_file"] == [".env"]
+    assert (
+        app["environment"]["HOST"] == "0.0.0.0" and app["environment"]["DATA_DIR"] == "/var/lib/private-gpt"
+    )
 
 
 def test_training_and_the_app_share_the_model_and_the_adapter_store() -> None:
