@@ -48,7 +48,10 @@ RUN groupadd --system --gid 10001 privategpt \
  && useradd --system --uid 10001 --gid privategpt --home-dir /var/lib/private-gpt --shell /usr/sbin/nologin privategpt \
  && mkdir -p /var/lib/private-gpt/adapters /var/cache/huggingface /models /srv/training /srv/runs \
  && chown privategpt:privategpt /var/lib/private-gpt /var/lib/private-gpt/adapters /var/cache/huggingface /srv/runs
+# The project runs from its source in /app (not installed): PYTHONPATH finds `app` and `training`
+# from any working directory (the train service works in /srv/training).
 ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOST=0.0.0.0 \
@@ -72,5 +75,5 @@ VOLUME ["/var/lib/private-gpt"]
 # a minute or two from a local disk, hence the long start period.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('PORT', '8000')}/readyz\", timeout=8)"]
-ENTRYPOINT ["scripts/entrypoint.sh"]
+ENTRYPOINT ["/app/scripts/entrypoint.sh"]
 CMD ["serve"]

@@ -139,6 +139,8 @@ def test_dockerfile_keeps_its_promises() -> None:
     assert text.index("COPY pyproject.toml requirements.lock") < text.index("COPY app/ app/")
     assert "--constraint requirements.lock" in text
     assert re.search(r"^USER 10001:10001$", text, re.M)
+    # The source is not installed: `python -m app` / `-m training` work from any working directory.
+    assert "PYTHONPATH=/app" in text and 'ENTRYPOINT ["/app/scripts/entrypoint.sh"]' in text
     assert re.search(r"^HEALTHCHECK .*\n.*/readyz", text, re.M)
     assert not re.search(r"^COPY .*(models|data|\.safetensors)", text, re.M)  # no weights in the image
     ignored = (ROOT / ".dockerignore").read_text().split()
