@@ -3,9 +3,11 @@
     .venv/bin/python scripts/load_check.py                      # 200 clients, a server of its own (SQLite)
     .venv/bin/python scripts/load_check.py --database-url postgresql://postgres@127.0.0.1:5432/postgres
     .venv/bin/python scripts/load_check.py --clients 50 --requests 2 --json load.json
+    .venv/bin/python scripts/load_check.py --url http://127.0.0.1:8000 --server-pid PID   # a running server
 
 It starts `python -m app serve` on loopback (the embedded demo model unless --model-id, in a fresh
-DATA_DIR; on PostgreSQL in a fresh database it creates and drops), creates users, sign-in
+DATA_DIR; on PostgreSQL in a fresh database it creates and drops; or loads the server at --url, run
+with that server's environment), creates users, sign-in
 sessions and API keys with the app's own data functions, then runs N clients at once, half of them
 browsers (send a chat message, tail the reply over SSE, send the next one in the same conversation)
 and half OpenAI API clients (streamed /v1/chat/completions). Each client makes a few short requests
@@ -130,6 +132,19 @@ class ServerProcess:
                 self.kill()
 
 
+class RunningServer:
+    """A server started elsewhere (--url); its memory is read when its process id is given."""
+
+    def __init__(self, url: str, pid: int | None) -> None:
+        self.url, self.server_pid = url.rstrip("/"), pid
+
+    def readyz(self) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.url}/readyz", timeout=10).json())
+
+    def rss_mib(self) -> float:
+        return rss_mib(self.server_pid) if self.server_pid else float("nan")
+
+
 def server_env(
     *, data_dir: Path, database_url: str, model_id: str = "", max_tokens: int = 8, **extra: str
 ) -> dict[str, str]:
@@ -150,6 +165,20 @@ def server_env(
 # -- users -----------------------------------------------------------------------------------------
 
 
+def _settings(env: dict[str, str]) -> Any:
+    """The server's settings that matter here: where its database is, and its secret key."""
+    from pydantic import SecretStr
+
+    from app.config import Settings
+
+    return Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        data_dir=Path(env["DATA_DIR"]),
+        database_url=env["DATABASE_URL"],
+        secret_key=SecretStr(env["SECRET_KEY"]),
+    )
+
+
 @dataclass(frozen=True)
 class Credentials:
     user_id: int
@@ -162,15 +191,9 @@ class Credentials:
 def create_credentials(env: dict[str, str], count: int, *, users: int) -> list[Credentials]:
     """`count` sign-ins (a session and an API key each) spread over `users` accounts, made with the
     app's own data functions (as `python -m app create-user` / `create-api-key` and a sign-in do)."""
-    from app.config import Settings
     from app.migrate import upgrade_database
 
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        data_dir=Path(env["DATA_DIR"]),
-        database_url=env["DATABASE_URL"],
-        secret_key=env["SECRET_KEY"],
-    )
+    settings = _settings(env)
     upgrade_database(settings.sqlalchemy_url)
 
     async def create() -> list[Credentials]:
@@ -234,7 +257,7 @@ class LoadConfig:
 
 async def _read_sse(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
     """Yield (event, data) as they arrive."""
-    event, data = "message", []
+    event, data = "message", list[str]()
     async for line in response.aiter_lines():
         if line == "":
             if data:
@@ -419,12 +442,11 @@ def audit_database(env: dict[str, str], records: list[RequestRecord], user_ids: 
     """Read back every message of the load's users and hold it against what the clients saw."""
     from sqlalchemy import select
 
-    from app.config import async_database_url
     from app.db import create_engine, create_sessionmaker
     from app.models import Conversation, Message, MessageRole
 
     async def load() -> list[tuple[Any, ...]]:
-        engine = create_engine(async_database_url(env["DATABASE_URL"]))
+        engine = create_engine(_settings(env).sqlalchemy_url)
         try:
             async with create_sessionmaker(engine)() as db:
                 query = (
@@ -564,7 +586,12 @@ class LoadReport:
 
 
 def run_load_check(
-    server: ServerProcess, env: dict[str, str], config: LoadConfig, *, rounds: int = 2, settle_s: float = 15.0
+    server: ServerProcess | RunningServer,
+    env: dict[str, str],
+    config: LoadConfig,
+    *,
+    rounds: int = 2,
+    settle_s: float = 15.0,
 ) -> LoadReport:
     """Warm the server up, note its memory, run the clients `rounds` times (letting memory settle
     after each), audit the database. A leak shows as growth from one round to the next; the first
@@ -633,6 +660,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-id", default="", help="default: the embedded demo model")
     parser.add_argument("--max-running", type=int, help="MAX_RUNNING_GENERATIONS (default: the server's)")
     parser.add_argument("--max-queued", type=int, help="MAX_QUEUED_GENERATIONS (default: the server's)")
+    parser.add_argument(
+        "--url",
+        help="load a server that is already running instead of starting one; run this with the server's "
+        "own environment (DATABASE_URL, DATA_DIR, SECRET_KEY, or its .env): the load's users are created "
+        "in its database, and stay",
+    )
+    parser.add_argument("--server-pid", type=int, help="with --url: the server's process, for its memory")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--server-log", type=Path, help="copy the server's log here")
     args = parser.parse_args(argv)
@@ -648,6 +682,19 @@ def main(argv: list[str] | None = None) -> int:
         extra["MAX_RUNNING_GENERATIONS"] = str(args.max_running)
     if args.max_queued is not None:
         extra["MAX_QUEUED_GENERATIONS"] = str(args.max_queued)
+    if args.url:
+        from app.config import get_settings
+
+        settings = get_settings()  # as the server reads them: the environment and .env
+        env = {
+            "DATA_DIR": str(settings.data_dir),
+            "DATABASE_URL": settings.database_url,
+            "SECRET_KEY": settings.secret().decode(),
+        }
+        print(f"{config.clients} clients against {args.url} ...", file=sys.stderr, flush=True)
+        target = RunningServer(args.url, args.server_pid)
+        report = run_load_check(target, env, config, rounds=args.rounds, settle_s=args.settle)
+        return _report(report, args.json)
     with contextlib.ExitStack() as stack:
         data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="load-check-")))
         if args.database_url:
@@ -671,13 +718,18 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if args.server_log:
                 args.server_log.write_bytes(server.log_path.read_bytes())
+    return _report(report, args.json)
+
+
+def _report(report: LoadReport, json_path: Path | None) -> int:
+    """Print the table (and any problem), write the JSON; 0 when nothing went wrong."""
     print(report.table())
     if report.audit.problems:
         print("\n".join(report.audit.problems[:20]))
     if report.summary["error_details"]:
         print(json.dumps(report.summary["error_details"], indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    if json_path:
+        json_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     ok = (
         report.summary["errors"] == 0
         and report.summary["server_errors_5xx"] == 0
