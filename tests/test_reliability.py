@@ -416,7 +416,7 @@ def test_a_full_adapter_store_refuses_the_upload_cleanly(tmp_path: Path, tiny_mo
 
 
 def test_an_adapter_that_fails_to_load_fails_only_its_own_requests(
-    tmp_path: Path, tiny_model_dir: Path
+    tmp_path: Path, tiny_model_dir: Path, member_factory: Any
 ) -> None:
     # One resident slot: publishing the second adapter unloads the first, so the next request for
     # the first must read its files from disk again.
@@ -458,5 +458,17 @@ def test_an_adapter_that_fails_to_load_fails_only_its_own_requests(
         assert ask("broken").status_code == failed.status_code
         assert ask("healthy").status_code == 200
         assert live.services.engine.load() == {"running": 0, "waiting": 0}
+
+        # In the chat: the reply on the broken adapter fails saying why; the other one is written.
+        member = member_factory(live)
+        replies = {}
+        for name in ("broken", "healthy"):
+            started = member.post("/c", data={"message": "hi", "adapter": name})
+            assert started.status_code == 204, started.text
+            page = member.get(started.headers["HX-Redirect"]).text
+            replies[name] = REPLY.findall(page)[-1]
+        broken = wait_for_message(live.settings, replies["broken"])
+        assert broken.status.value == "failed" and "cannot load adapter files" in (broken.error or "")
+        assert wait_for_message(live.settings, replies["healthy"]).status.value == "complete"
     finally:
         live.stop()

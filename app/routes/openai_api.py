@@ -95,6 +95,11 @@ async def list_models(services: ServicesDep, user: ApiUser) -> dict[str, Any]:
                     "A rate limit or the daily token quota is reached, or the server is at capacity; "
                     "retry after Retry-After seconds",
                 ),
+                (
+                    503,
+                    "The database is unavailable, or every connection to it is busy; "
+                    "retry after Retry-After seconds",
+                ),
             )
         },
     },
