@@ -28,12 +28,15 @@ from app.models import AuditEvent, User
 from tests import test_browser
 from tests.conftest import (
     PASSWORD,
+    Admin,
     LiveServer,
+    build_adapter,
     create_api_key,
     create_user,
     make_settings,
     sign_in,
     with_db,
+    zip_directory,
 )
 from tests.routes import test_sign_in
 from tests.routes.test_authorization_matrix import app_routes
@@ -335,37 +338,71 @@ def fill_path(path: str, values: dict[str, str]) -> str:
     return re.sub(r"{(\w+)}", lambda m: values.get(m.group(1), "1"), path)
 
 
-def test_no_route_changes_or_deletes_earlier_audit_rows(server: LiveServer) -> None:
-    """Every route of the app, as an admin with a valid CSRF token, with and without a form: the audit
-    rows written before are all still there, unchanged. The audit routes take no other method."""
-    email = unique_email("walker")
+# Each route is sent once per variant: path values over the defaults, and the form (or JSON for PUT)
+# that goes with them, so the admin actions are done for real (disable, enable, sign out, limits,
+# adapter groups, default, activate, delete, upload) as well as refused.
+WALK_VARIANTS: list[tuple[dict[str, str], dict[str, str] | None]] = [
+    ({}, None),
+    ({"action": "disable"}, {"action": "disable", "groups": "staff", "name": "walk",
+                             "rate_limit_per_minute": "5", "daily_token_quota": "100", "key_id": "1"}),
+    ({"action": "enable"}, {"action": "enable", "groups": "", "name": "",
+                            "rate_limit_per_minute": "", "daily_token_quota": ""}),
+    ({"action": "activate"}, {"action": "sign-out", "name": "walk"}),
+    ({"action": "delete"}, {"action": "approve", "name": ""}),
+]  # fmt: skip
+
+
+def test_no_route_changes_or_deletes_earlier_audit_rows(
+    server: LiveServer, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Every route of the app, as an admin with a valid CSRF token, doing each admin action: the
+    audit rows written before are all still there, unchanged. The audit routes take no other method."""
+    email, target = unique_email("walker"), unique_email("walked")
     create_user(server.settings, email, admin=True)
+    create_user(server.settings, target)
     key = create_api_key(server.settings, email)
+    archive = zip_directory(build_adapter(tiny_model_dir, tmp_path / "adapter"), tmp_path / "adapter.zip")
+    admin = Admin(server, key)
+    assert admin.upload("walk", archive).status_code == 201
     member = sign_in(server, email)
-    user = with_db(server.settings, lambda db: db.scalar(select(User).where(User.email == email)))
+    walked = with_db(server.settings, lambda db: db.scalar(select(User).where(User.email == target)))
     # Something of every kind in the log first (an admin action, a failed sign-in).
-    assert member.post(f"/admin/users/{user.id}", data={"action": "sign-out"}).status_code == 200
+    assert member.post(f"/admin/users/{walked.id}", data={"action": "sign-out"}).status_code == 200
     failed_password_sign_in(server, email, "not-the-password")
     member.client.close()
     before = all_rows(server)
-    values = {"user_id": str(user.id), "session_id": "1", "key_id": "1", "path": "css/app.css"}
+    defaults = {"user_id": str(walked.id), "session_id": "1", "key_id": "1", "path": "css/app.css",
+                "name": "walk", "version": "1"}  # fmt: skip
     routes = sorted(app_routes(server.app))
     assert ("GET", "/api/admin/audit/export") in routes
+    statuses = set()
     for method, path in routes:
-        url = fill_path(path, values)
-        for form in (None, {"action": "delete", "id": "1"}):
+        for values, form in WALK_VARIANTS:
+            url = fill_path(path, {**defaults, **values})
             member = sign_in(server, email)  # some routes sign out
             headers = {"X-CSRF-Token": member.csrf, "Authorization": f"Bearer {key}"}
-            response = member.client.request(method, url, headers=headers, data=form, timeout=60)
+            body: dict[str, Any] = {"data": form}
+            if method == "PUT":
+                body = {
+                    "json": {"name": (form or {}).get("name") or None, "groups": ["staff"] if form else []}
+                }
+            elif path in ("/admin/adapters", "/api/admin/adapters/{name}/versions") and form:
+                body["files"] = {"file": ("adapter.zip", archive.read_bytes(), "application/zip")}
+            response = member.client.request(method, url, headers=headers, timeout=120, **body)
             assert response.status_code < 500, f"{method} {url}: {response.status_code} {response.text[:200]}"
+            statuses.add(response.status_code)
             member.client.close()
+    assert {200, 201, 303} <= statuses
     for url in ("/admin/audit", "/api/admin/audit", "/admin/audit/export", "/api/admin/audit/export"):
         for method in ("POST", "PUT", "PATCH", "DELETE"):
             response = httpx.request(method, f"{server.url}{url}", headers={"Authorization": f"Bearer {key}"})
             assert response.status_code == 405, f"{method} {url}: {response.status_code}"
     after = all_rows(server)
     assert {i: after.get(i) for i in before} == before
-    assert len(after) > len(before)  # the walk itself was audited (sign-ins, at least)
+    done = {row[3] for i, row in after.items() if i not in before}
+    expected = {"user.disable", "user.enable", "user.sign-out", "user.limits", "set-groups", "publish",
+                "rollback", "disable", "enable", "sign-in", "sign-out", "api-key.create"}  # fmt: skip
+    assert expected <= done, expected - done
     assert PASSWORD not in json.dumps([list(map(str, row)) for row in after.values()])
 
 
