@@ -7,6 +7,7 @@ fake provider of tests/routes/test_sign_in.py), the account page and the admin p
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -34,6 +35,7 @@ from tests.conftest import (
     create_api_key,
     create_user,
     make_settings,
+    new_postgres_database,
     sign_in,
     with_db,
     zip_directory,
@@ -239,25 +241,30 @@ def test_the_command_line_is_audited_as_such(server: LiveServer) -> None:
 # -- reading and exporting -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def busy_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[LiveServer]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def busy_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[LiveServer]:
     """A server whose audit log holds 1,234 events, more than a page and than an export batch."""
-    live = LiveServer(make_settings(tmp_path_factory.mktemp("audit"), tiny_model_dir)).start()
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(new_postgres_database()) if request.param == "postgresql" else None
+        settings = make_settings(tmp_path_factory.mktemp("audit"), tiny_model_dir, database_url=url)
+        live = LiveServer(settings).start()
+        stack.callback(live.stop)
+        with_db(live.settings, fill_audit_log)
+        yield live
 
-    async def fill(db: AsyncSession) -> None:
-        old = datetime(2026, 1, 15, 12, tzinfo=UTC)
-        for i in range(1234):
-            row = audit.event(
-                None, "publish" if i % 2 else "sign-in.failed", f"target-{i}", label="(server)", i=i
-            )
-            if i < 100:
-                row.at = old + timedelta(minutes=i)  # January: for the date filter
-            db.add(row)
-        await db.commit()
 
-    with_db(live.settings, fill)
-    yield live
-    live.stop()
+async def fill_audit_log(db: AsyncSession) -> None:
+    old = datetime(2026, 1, 15, 12, tzinfo=UTC)
+    for i in range(1234):
+        row = audit.event(
+            None, "publish" if i % 2 else "sign-in.failed", f"target-{i}", label="(server)", i=i
+        )
+        if i < 100:
+            row.at = old + timedelta(minutes=i)  # January: for the date filter
+        db.add(row)
+    await db.commit()
 
 
 def test_admins_export_every_event_as_csv_and_json(busy_server: LiveServer) -> None:

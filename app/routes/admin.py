@@ -1,8 +1,9 @@
 """Administration: adapters (pages for admins in the browser, and the same actions as a JSON API),
-who may use each adapter, the audit log, users (approve, disable, enable, their limits) and usage.
+who may use each adapter, the audit log (filtered, and exported as CSV or JSON), users (approve,
+disable, enable, sign out everywhere, their limits) and usage.
 
 Both call the same registry and auth functions; the JSON API (under /api/admin, bearer API key of
-an admin) is documented in the OpenAPI schema at /docs.
+an admin) is described in the OpenAPI schema at /openapi.json.
 """
 
 from __future__ import annotations
