@@ -557,7 +557,8 @@ def test_disabling_a_user_ends_every_session_and_api_key(sso_server: LiveServer)
         ({"oidc_issuer": "https://login.example.com", "oidc_client_id": "x", "oidc_scopes": "email"},
          "OIDC_SCOPES must include openid"),
         ({"oidc_issuer": "http://login.example.com", "oidc_client_id": "x", "environment": "production",
-          "secret_key": "s" * 32, "model_id": "/models/m"}, "OIDC_ISSUER must use https:// in production"),
+          "secret_key": "0123456789abcdef" * 2, "model_id": "/models/m"},
+         "OIDC_ISSUER must use https:// in production"),
     ],
 )  # fmt: skip
 def test_sign_in_settings_are_checked_at_start(values: dict[str, Any], message: str) -> None:
