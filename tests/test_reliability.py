@@ -135,12 +135,14 @@ def test_200_streaming_clients_complete_or_are_refused_and_nothing_is_lost(
     assert (audit.lost, audit.duplicated, audit.refused_but_stored) == (0, 0, 0), audit.problems
     assert (audit.replies_missing, audit.replies_unfinished, audit.replies_not_as_streamed) == (0, 0, 0)
     # Memory: the allocator keeps what the first round's peak needed (Python rarely gives heap back to
-    # the system), within a bound; later rounds add less and less (a plateau, not a per-request leak:
-    # on 2 cores +53, +20, +2 MiB after three rounds of 600 requests, docs/reliability.md).
+    # the system), within a bound; later rounds add less (a plateau, not a per-request leak). Finished
+    # replies stay in memory 60 s (app.chat.jobs.KEEP_FINISHED_S), longer than these rounds, so each
+    # round here still holds the previous one's: +46, +17, +15 MiB on 2 cores, where settling 65 s
+    # between rounds gave +74, +17, +7 (docs/reliability.md).
     before, settled = memory["before"], memory["settled"]
     assert settled[-1] <= before + max(128, before * 0.25), memory
     first_growth = settled[0] - before
-    assert settled[2] - settled[1] <= max(24, first_growth / 2), memory
+    assert settled[2] - settled[1] <= max(32, first_growth / 2), memory
 
 
 # -- a killed server -----------------------------------------------------------------------------------
