@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,7 +20,8 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models import AuthSession, User, utcnow
-from tests.conftest import LiveServer, Member, create_user, make_settings, sign_in, with_db
+from tests import test_browser
+from tests.conftest import PASSWORD, LiveServer, Member, create_user, make_settings, sign_in, with_db
 
 
 def signed_in(member: Member) -> bool:
@@ -174,3 +176,46 @@ def test_an_idle_session_ends_and_a_used_one_lives_on(idle_server: LiveServer) -
     assert len(session_rows(busy.get("/account").text)) == 1  # the idle one is not listed
     idle.client.close()
     busy.client.close()
+
+
+browser = test_browser.browser  # the Chromium fixture, shared
+
+
+@pytest.mark.browser
+def test_the_account_page_in_chromium(server: LiveServer, browser: Any) -> None:
+    """Make a key, end the other browser's session, then sign out everywhere, by clicking."""
+    email = new_person(server)
+    laptop = sign_in(server, email)
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        page.goto(f"{server.url}/login")
+        page.fill("input[name=email]", email)
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_url(f"{server.url}/")
+        page.click("a[href='/account']")
+        page.wait_for_url(f"{server.url}/account")
+        assert page.locator("table.sessions tbody tr").count() == 2
+
+        page.fill("input[name=name]", "notebook")
+        page.click("text=Create an API key")
+        key = page.locator("#new-key").inner_text()
+        assert key.startswith("pgpt-") and api_works(server, key)
+        page.goto(f"{server.url}/account")  # shown once
+        assert page.locator("#new-key").count() == 0 and "notebook" in page.content()
+
+        page.locator("table.sessions tbody tr", has_not_text="this browser").locator("text=End").click()
+        page.wait_for_url(f"{server.url}/account")
+        assert page.locator("table.sessions tbody tr").count() == 1
+        assert not signed_in(laptop)
+
+        page.click("text=Sign out everywhere")
+        page.wait_for_url(f"{server.url}/login")
+        page.goto(f"{server.url}/")
+        assert "/login" in page.url
+        assert api_works(server, key)
+    finally:
+        context.close()
+        laptop.client.close()
