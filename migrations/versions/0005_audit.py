@@ -46,6 +46,8 @@ POSTGRES_DOWN = [
     "DROP TRIGGER IF EXISTS audit_events_append_only ON audit_events",
     "DROP FUNCTION IF EXISTS audit_events_append_only()",
 ]
+# On SQLite a later migration that alters audit_events in batch mode copies the table, dropping these
+# triggers: it must create them again.
 SQLITE_UP = [
     f"""
     CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events
