@@ -99,6 +99,7 @@ def test_a_completion_is_counted_timed_and_its_tokens_added(metered: LiveServer,
         lambda s: (
             s("privategpt_http_requests_total", **route, status="200")
             > before("privategpt_http_requests_total", **route, status="200")
+            and s("privategpt_batch_size") == 0  # the engine has gone idle after the reply
         ),
     )
 
@@ -114,7 +115,10 @@ def test_a_completion_is_counted_timed_and_its_tokens_added(metered: LiveServer,
     assert grew("privategpt_inter_token_latency_seconds_count") == 19  # between 20 tokens
     assert grew("privategpt_request_duration_seconds_count") == 1
     assert grew("privategpt_prefill_duration_seconds_count") >= 1
-    assert grew("privategpt_step_duration_seconds_count") >= 1 and after("privategpt_batch_size") >= 1
+    assert grew("privategpt_step_duration_seconds_count") >= 1
+    assert grew("privategpt_step_batch_size_count") >= 1
+    # Nothing runs once the reply is done: the gauges are back to 0, not the last step's batch.
+    assert after("privategpt_batch_size") == 0 and after("privategpt_queue_depth") == 0
     assert grew("privategpt_http_requests_total", **route, status="200") == 1
     assert grew("privategpt_http_request_duration_seconds_count", **route) == 1
     assert grew("privategpt_http_stream_duration_seconds_count", **route) == 0
