@@ -149,9 +149,9 @@ def test_200_streaming_clients_complete_or_are_refused_and_nothing_is_lost(
 
 
 def test_sigkill_mid_stream_keeps_every_message_and_marks_the_cut_replies_interrupted(
-    tmp_path: Path, tiny_model_dir: Path
+    tmp_path: Path, tiny_model_dir: Path, database_url: str
 ) -> None:
-    database = f"sqlite:///{tmp_path}/crash.db"
+    database = database_url  # SQLite and PostgreSQL
     env = server_env(data_dir=tmp_path, database_url=database, model_id=str(tiny_model_dir), max_tokens=4000)
     (creds,) = create_credentials(env, 1, users=1)
     server = ServerProcess(env, tmp_path / "server.log").start()
