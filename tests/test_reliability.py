@@ -119,7 +119,7 @@ def test_200_streaming_clients_complete_or_are_refused_and_nothing_is_lost(
     )
     server = ServerProcess(env, tmp_path / "server.log").start()
     try:
-        config = LoadConfig(clients=200, requests=2, max_tokens=4, deadline_s=60)
+        config = LoadConfig(clients=200, requests=2, max_tokens=4, deadline_s=150)
         report = run_load_check(server, env, config, rounds=3, settle_s=3)
     finally:
         server.stop()
