@@ -1,4 +1,5 @@
-"""Prometheus metrics: the generation engine's timings and counts, HTTP traffic and GPU memory.
+"""Prometheus metrics: the generation engine's timings and counts, HTTP traffic, GPU memory and the
+adapter registry's training runs.
 
 `ServerMetrics` holds every metric of one app in a `CollectorRegistry` of its own (never the
 library's global registry, so several apps in one process keep separate counts); `GET /metrics`
@@ -12,9 +13,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
-from collections.abc import Callable, Iterator
-from typing import ParamSpec
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ParamSpec
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,6 +32,9 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.llm.metrics import EngineMetrics
+
+if TYPE_CHECKING:  # the registry's data functions bring SQLAlchemy and torch; only its type is needed
+    from app.registry.service import NewestVersion
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +367,109 @@ class GpuMemoryCollector(Collector):
         yield from (allocated, reserved, total)
 
 
+# The training figures of each adapter's newest version: (manifest key, metric name, help, factor to
+# the metric's unit). Keys are those training/trainer.py writes in the adapter's manifest.
+TRAINING_METRICS = (
+    (
+        "final_train_loss",
+        "privategpt_adapter_training_loss",
+        "Training loss at the last logged step of the run that made each adapter's newest version.",
+        1.0,
+    ),
+    (
+        "eval_loss",
+        "privategpt_adapter_eval_loss",
+        "Loss on the held-out split at the end of that run (runs with an eval split only).",
+        1.0,
+    ),
+    (
+        "wall_time_s",
+        "privategpt_adapter_training_duration_seconds",
+        "Wall time of that run, from loading the base model to the adapter saved.",
+        1.0,
+    ),
+    (
+        "tokens_per_s",
+        "privategpt_adapter_training_tokens_per_second",
+        "Real (non-padding) tokens trained per second in that run, over all its steps.",
+        1.0,
+    ),
+    ("steps", "privategpt_adapter_training_steps", "Optimizer steps of that run.", 1.0),
+    (
+        "train_records",
+        "privategpt_adapter_training_records",
+        "Records that run trained on (after bad records, duplicates and the eval split were set aside).",
+        1.0,
+    ),
+    (
+        "peak_gpu_memory_gib",
+        "privategpt_adapter_training_peak_gpu_memory_bytes",
+        "Peak GPU memory in tensors during that run (runs on a GPU only).",
+        float(2**30),
+    ),
+)
+
+
+TRAINING_FIGURES = tuple(key for key, *_ in TRAINING_METRICS)  # what /metrics reads of each manifest
+
+
+def _figure(value: Any) -> float | None:
+    """A manifest's figure as a sample value: figures come from the uploaded manifest as written
+    (any JSON), and only a finite number is one."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def registry_metrics(newest: Iterable[NewestVersion]) -> list[Metric]:
+    """The adapter registry as metrics, one series per adapter: its newest version, when it was
+    published, how many versions training published, and the newest version's training figures
+    (no sample where the manifest recorded none: an upload without metrics, or a figure older
+    trainers did not write). Every replica reads the same registry, so every replica exports the
+    same values: aggregate with max by (adapter), not sum."""
+    latest = GaugeMetricFamily(
+        "privategpt_adapter_latest_version",
+        "The newest version number of each adapter in the registry (a publish raises it by one).",
+        labels=["adapter"],
+    )
+    published = GaugeMetricFamily(
+        "privategpt_adapter_published_timestamp_seconds",
+        "When each adapter's newest version was published (Unix time).",
+        labels=["adapter"],
+    )
+    trained = GaugeMetricFamily(
+        "privategpt_adapter_trained_versions",
+        "Versions of each adapter in the registry that training published (deleting one lowers it).",
+        labels=["adapter"],
+    )
+    figures = {
+        key: (GaugeMetricFamily(name, doc, labels=["adapter"]), factor)
+        for key, name, doc, factor in TRAINING_METRICS
+    }
+    for version in newest:
+        adapter = [version.name]
+        latest.add_metric(adapter, version.version)
+        published.add_metric(adapter, version.published_at.timestamp())
+        trained.add_metric(adapter, version.trained_versions)
+        for key, (family, factor) in figures.items():
+            value = _figure(version.training.get(key))
+            if value is not None:
+                family.add_metric(adapter, value * factor)
+    return [latest, published, trained, *(family for family, _ in figures.values())]
+
+
+class _ScrapeCollector(Collector):
+    """One scrape's exposition: the app's own metrics, then the families read for this scrape."""
+
+    def __init__(self, registry: CollectorRegistry, extra: Sequence[Metric]) -> None:
+        self.registry = registry
+        self.extra = extra
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.registry.collect()
+        yield from self.extra
+
+
 class ServerMetrics:
     """Every metric of one app: the engine's, HTTP's, GPU memory and the process's own."""
 
@@ -377,8 +485,15 @@ class ServerMetrics:
         # process_cpu_seconds_total, process_resident_memory_bytes, ...: the names every exporter uses.
         ProcessCollector(registry=self.registry)
 
-    def render(self, accept: str) -> tuple[bytes, str]:
+    def render(self, accept: str, extra: Sequence[Metric] = ()) -> tuple[bytes, str]:
         """The exposition in the format the scraper accepts (OpenMetrics or Prometheus text), and
-        its content type. Reads GPU memory and /proc: call it off the event loop."""
+        its content type, with `extra` families read for this scrape (registry_metrics) after the
+        app's own. Reads GPU memory and /proc: call it off the event loop."""
         encode, content_type = choose_encoder(accept)
-        return encode(self.registry), content_type
+        if not extra:
+            return encode(self.registry), content_type
+        # A registry per scrape (no describe: nothing is collected twice) keeps concurrent scrapes
+        # from seeing each other's figures.
+        scrape = CollectorRegistry(auto_describe=False)
+        scrape.register(_ScrapeCollector(self.registry, extra))
+        return encode(scrape), content_type

@@ -247,6 +247,10 @@ def train(config: TrainingConfig, *, resume: bool = False, callbacks: list[Any] 
         else None,
         "wall_time_s": round(time.perf_counter() - started, 1),
         "steps": trainer.state.global_step,
+        # The data set's size, beside the figures: /metrics exports it per adapter (older adapters
+        # were published without it, and simply have no sample).
+        "train_records": run.data.report.train,
+        "eval_records": run.data.report.eval,
         "loss_curve": loss_curve(history),
     }
     (adapter_dir / MANIFEST).write_text(json.dumps({

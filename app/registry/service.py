@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -71,6 +73,62 @@ async def get_adapter(db: AsyncSession, name: str) -> Adapter:
     if adapter is None:
         raise RegistryError(f"there is no adapter named {name!r}", 404)
     return adapter
+
+
+# More adapters than any registry holds; a bound, so a scrape's query stays small whatever happens.
+MAX_ADAPTERS_EXPORTED = 1000
+
+
+@dataclass(frozen=True)
+class NewestVersion:
+    """An adapter's newest version, with the training figures its manifest recorded."""
+
+    name: str
+    version: int
+    published_at: datetime
+    trained_versions: int  # versions of this adapter that training published (source "training")
+    training: dict[str, Any]  # the figures asked for that its metrics hold, values as written (any JSON)
+
+
+async def newest_versions(db: AsyncSession, *, figures: Sequence[str]) -> list[NewestVersion]:
+    """Each adapter's newest version (by number), for /metrics: one row per adapter, in one query,
+    with the `figures` (keys of its manifest's "metrics") it recorded. Only those keys are read: the
+    loss curve beside them is kilobytes.
+
+    The newest rather than the served one: after a rollback the figures still describe the last
+    training run published.
+    """
+    per_adapter = (
+        select(
+            AdapterVersion.adapter_id,
+            func.max(AdapterVersion.version).label("newest"),
+            func.sum(case((AdapterVersion.source == "training", 1), else_=0)).label("trained"),
+        )
+        .group_by(AdapterVersion.adapter_id)
+        .subquery()
+    )
+    recorded = [AdapterVersion.metrics[key].label(f"figure_{i}") for i, key in enumerate(figures)]
+    query = (
+        select(
+            Adapter.name, AdapterVersion.version, AdapterVersion.created_at, per_adapter.c.trained, *recorded
+        )
+        .join(per_adapter, per_adapter.c.adapter_id == Adapter.id)
+        .join(
+            AdapterVersion,
+            (AdapterVersion.adapter_id == Adapter.id) & (AdapterVersion.version == per_adapter.c.newest),
+        )
+        .order_by(Adapter.name)
+        .limit(MAX_ADAPTERS_EXPORTED)
+    )
+    newest = []
+    for row in await db.execute(query):
+        published = row.created_at
+        if published.tzinfo is None:  # SQLite gives back the UTC time it stored, without its zone
+            published = published.replace(tzinfo=UTC)
+        values = row[4:]
+        training = {key: value for key, value in zip(figures, values, strict=True) if value is not None}
+        newest.append(NewestVersion(row.name, row.version, published, int(row.trained or 0), training))
+    return newest
 
 
 def _version(adapter: Adapter, number: int) -> AdapterVersion:

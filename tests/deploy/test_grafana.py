@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prometheus_client.metrics_core import Metric
 
-from app.observability import ServerMetrics
+from app.observability import TRAINING_FIGURES, ServerMetrics, registry_metrics
+from app.registry.service import NewestVersion
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "private-gpt.json"
@@ -19,6 +21,9 @@ SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), 
 def exported_series() -> set[str]:
     names = set()
     families: list[Metric] = list(ServerMetrics().registry.collect())
+    # The registry's figures are read from the database at each scrape: an adapter with every one.
+    every_figure = NewestVersion("finance", 2, datetime.now(UTC), 2, dict.fromkeys(TRAINING_FIGURES, 1.0))
+    families += registry_metrics([every_figure])
     for family in families:
         names.update(family.name + suffix for suffix in SUFFIXES.get(family.type, ("",)))
     # GPU memory is collected only where CUDA is present: take its names from the collector's source.
@@ -50,6 +55,8 @@ def test_dashboard_queries_name_exported_metrics() -> None:
         "privategpt_http_requests_total",
         "privategpt_resident_adapters",
         "privategpt_gpu_memory_allocated_bytes",
+        "privategpt_adapter_training_loss",
+        "privategpt_adapter_published_timestamp_seconds",
     ):
         assert name in used, name
 

@@ -8,6 +8,7 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from transformers import TrainerCallback
@@ -91,6 +92,8 @@ def test_loss_goes_down_and_ctrl_c_then_resume_matches_an_uninterrupted_run(
     }
     manifest = json.loads((config.output_path / "training_manifest.json").read_text())
     assert manifest["data"]["train_records"] + manifest["data"]["eval_records"] == 120
+    assert whole.metrics["train_records"] == manifest["data"]["train_records"]
+    assert whole.metrics["eval_records"] == manifest["data"]["eval_records"]
     assert manifest["versions"]["trl"] and manifest["metrics"]["tokens_per_s"] > 0
     assert (config.output_path / "loss.png").stat().st_size > 1000
     assert json.loads((adapter / "private_gpt.json").read_text())["source"] == "training"
@@ -152,6 +155,24 @@ def test_a_trained_adapter_is_published_and_served(
         assert answer("leave") != answer(settings.model_name)
         page = admin.get("/admin/adapters").text
         assert "team leave" in page and "training" in page and '<svg class="sparkline"' in page
+        # /metrics exports the run's figures from the registry, as the trainer recorded them.
+        metrics = {
+            line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
+            for line in httpx.get(f"{live.url}/metrics").text.splitlines()
+            if line.startswith("privategpt_adapter_")
+        }
+        leave = '{adapter="leave"}'
+        assert metrics[f"privategpt_adapter_latest_version{leave}"] == 1
+        assert metrics[f"privategpt_adapter_trained_versions{leave}"] == 1
+        assert metrics[f"privategpt_adapter_training_steps{leave}"] == 12
+        assert metrics[f"privategpt_adapter_training_records{leave}"] == result.metrics["train_records"]
+        # The text format prints 15 significant digits.
+        loss = pytest.approx(result.metrics["final_train_loss"], rel=1e-12)
+        assert metrics[f"privategpt_adapter_training_loss{leave}"] == loss
+        assert (
+            metrics[f"privategpt_adapter_training_duration_seconds{leave}"] == result.metrics["wall_time_s"]
+        )
+        assert metrics[f"privategpt_adapter_training_tokens_per_second{leave}"] > 0
     finally:
         get_settings.cache_clear()
         live.stop()
