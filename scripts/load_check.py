@@ -377,7 +377,11 @@ async def _client(
     conversation: str | None = None
     timeout = httpx.Timeout(connect=30, read=60, write=30, pool=30)
     cookies = {"pgpt_session": creds.session_token}
-    async with httpx.AsyncClient(base_url=url, timeout=timeout, cookies=cookies) as client:
+    # uvicorn closes a connection idle for 5 s; a client that reused one just then (after waiting out
+    # a Retry-After) would race the close and lose its POST. Browsers retry those; here the client
+    # simply does not keep idle connections that long.
+    limits = httpx.Limits(keepalive_expiry=2.0)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, cookies=cookies, limits=limits) as client:
         for attempt in range(config.requests):
             if time.monotonic() >= deadline:
                 break
