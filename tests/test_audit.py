@@ -7,6 +7,8 @@ fake provider of tests/routes/test_sign_in.py), the account page and the admin p
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import csv
 import io
@@ -332,9 +334,10 @@ def test_a_cell_that_a_spreadsheet_would_run_is_defused() -> None:
     async def collect() -> str:
         return "".join([chunk async for chunk in audit.csv_export(rows())])
 
-    import asyncio
-
-    exported = asyncio.run(collect())
+    # A thread of its own: this module's Chromium test (sync Playwright) keeps an event loop running
+    # in the test thread, where asyncio.run() and pytest-asyncio's runner both refuse to start.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        exported = pool.submit(asyncio.run, collect()).result()
     assert "'=HYPERLINK" in exported and "\n=HYPERLINK" not in exported.replace(",", "\n")
 
 
