@@ -453,9 +453,14 @@ def test_an_adapter_that_fails_to_load_fails_only_its_own_requests(
             results = {m: f.result() for m, f in futures.items()}
         assert results["healthy"].status_code == 200 and results[live.settings.model_name].status_code == 200
         failed = results["broken"]
-        assert failed.status_code >= 500, failed.text
-        assert "cannot load adapter files" in failed.json()["error"]["message"]
-        assert "cannot load adapter files" in streamed.result().text and "[DONE]" in streamed.result().text
+        # 503 + Retry-After (the server's trouble, not the request's), naming the adapter, not its path.
+        assert failed.status_code == 503 and failed.headers["Retry-After"], failed.text
+        assert failed.json()["error"]["code"] == "adapter_unavailable"
+        message = failed.json()["error"]["message"]
+        assert (
+            "broken@1 could not be loaded" in message and str(live.settings.adapter_store_dir) not in message
+        )
+        assert "broken@1 could not be loaded" in streamed.result().text and "[DONE]" in streamed.result().text
         # Again, and the others still fine afterwards: nothing is left wedged.
         assert ask("broken").status_code == failed.status_code
         assert ask("healthy").status_code == 200
@@ -470,7 +475,7 @@ def test_an_adapter_that_fails_to_load_fails_only_its_own_requests(
             page = member.get(started.headers["HX-Redirect"]).text
             replies[name] = REPLY.findall(page)[-1]
         broken = wait_for_message(live.settings, replies["broken"])
-        assert broken.status.value == "failed" and "cannot load adapter files" in (broken.error or "")
+        assert broken.status.value == "failed" and "broken@1 could not be loaded" in (broken.error or "")
         assert wait_for_message(live.settings, replies["healthy"]).status.value == "complete"
     finally:
         live.stop()

@@ -45,6 +45,15 @@ class AdapterUnavailable(Exception):
     """The adapter cannot be served now (all slots held, or its files do not load)."""
 
 
+def unloadable(ref: AdapterRef, error: BaseException) -> AdapterUnavailable:
+    """The error for an adapter whose files do not load: the reason (and the server's paths) go to
+    the log, the request's own message names only the adapter."""
+    log.error("adapter %s: cannot load its files from %s: %s", ref.label or ref.key, ref.path, error)
+    return AdapterUnavailable(
+        f"the adapter {ref.label or ref.key} could not be loaded; the server log says why"
+    )
+
+
 @dataclass(frozen=True)
 class AdapterFiles:
     """An adapter's config and weights, read and already on the model's device: ready to install."""
@@ -66,7 +75,7 @@ def read_adapter(ref: AdapterRef, device: torch.device) -> AdapterFiles:
         config = PeftConfig.from_pretrained(str(ref.path))
         weights = load_peft_weights(str(ref.path), device="cpu")
     except Exception as error:
-        raise AdapterUnavailable(f"cannot load adapter files from {ref.path}: {error}") from error
+        raise unloadable(ref, error) from error
     if device.type == "cuda":
         weights = _copy_to_gpu(weights, device)
     return AdapterFiles(config=config, weights=weights)
@@ -222,7 +231,7 @@ class ResidentAdapters:
         except Exception as error:
             self.lora.clear(slot)
             self._free_slots.append(slot)
-            raise AdapterUnavailable(f"cannot load adapter files from {ref.path}: {error}") from error
+            raise unloadable(ref, error) from error
         self._slot_of[ref.key] = slot
         self.loads += 1
         self.metrics.adapter_loaded(time.perf_counter() - started)

@@ -87,6 +87,9 @@ class GenerationResult:
     time_to_first_token_s: float | None
     duration_s: float
     error: str | None = None
+    # The request's adapter could not be made resident (its files do not load, or it was removed):
+    # the server's trouble, not the request's, and other adapters are unaffected.
+    adapter_unavailable: bool = False
 
 
 class EngineOverloaded(Exception):
@@ -222,7 +225,9 @@ class _Sequence:
         """The most KV cache this sequence can come to need."""
         return self.prompt_len + self.params.max_tokens
 
-    def result(self, reason: FinishReason, error: str | None = None) -> GenerationResult:
+    def result(
+        self, reason: FinishReason, error: str | None = None, adapter_unavailable: bool = False
+    ) -> GenerationResult:
         now = time.perf_counter()
         return GenerationResult(
             finish_reason=reason,
@@ -231,6 +236,7 @@ class _Sequence:
             time_to_first_token_s=None if self.first_token_at is None else self.first_token_at - self.started,
             duration_s=now - self.started,
             error=error,
+            adapter_unavailable=adapter_unavailable,
         )
 
 
@@ -448,7 +454,7 @@ class GenerationEngine:
                 try:
                     files = read.result()
                 except AdapterUnavailable as error:
-                    self._finish(seq, "error", str(error))
+                    self._finish(seq, "error", str(error), adapter_unavailable=True)
                     continue
             with self._cond:
                 if seq not in self._waiting:  # cancelled meanwhile
@@ -462,7 +468,7 @@ class GenerationEngine:
                     self.adapters.acquire(ref, files)
                     seq.adapter_key = ref.key
                 except AdapterUnavailable as error:
-                    self._finish(seq, "error", str(error))
+                    self._finish(seq, "error", str(error), adapter_unavailable=True)
 
     def _round(self) -> None:
         """Prefill up to `prefill_chunk` prompt tokens, then advance every decoding sequence by one."""
@@ -657,7 +663,13 @@ class GenerationEngine:
             torch.cuda.empty_cache()
         self._finish(seq, "error", f"{type(error).__name__}: {error}")
 
-    def _finish(self, seq: _Sequence, reason: FinishReason, error: str | None = None) -> None:
+    def _finish(
+        self,
+        seq: _Sequence,
+        reason: FinishReason,
+        error: str | None = None,
+        adapter_unavailable: bool = False,
+    ) -> None:
         """End a sequence; its batch row goes at the end of the round (`_round`)."""
         if seq.done:
             return
@@ -667,7 +679,7 @@ class GenerationEngine:
             tail = seq.stops.flush()
             if tail:
                 seq.stream._deliver(TextDelta(tail, seq.generated))
-        result = seq.result(reason, error)
+        result = seq.result(reason, error, adapter_unavailable)
         self._recent_durations.append(result.duration_s)
         self.metrics.request_finished(
             reason, result.prompt_tokens, result.completion_tokens, result.duration_s

@@ -63,6 +63,16 @@ class ApiError(Exception):
         )
 
 
+def generation_failed(result: GenerationResult) -> ApiError:
+    """A failed generation as an API error: 503 when its adapter could not be loaded (the server's
+    trouble, maybe passing: other adapters work meanwhile), else 500."""
+    if result.adapter_unavailable:
+        return ApiError(
+            503, str(result.error), "server_error", "adapter_unavailable", headers={"Retry-After": "30"}
+        )
+    return ApiError(500, f"generation failed: {result.error}", "server_error", "generation_failed")
+
+
 @router.get("/models")
 async def list_models(services: ServicesDep, user: ApiUser) -> dict[str, Any]:
     """The base model and every adapter that is ready and open to the key's user, each adapter
@@ -189,7 +199,7 @@ async def chat_completions(
         stream.cancel()  # no-op when finished; stops the model if this request was cancelled
         await _count_tokens(services, user.id, stream)
     if result.finish_reason == "error":
-        raise ApiError(500, f"generation failed: {result.error}", "server_error", "generation_failed")
+        raise generation_failed(result)
     return JSONResponse(
         {
             "id": completion_id(),
@@ -266,9 +276,8 @@ async def _chunks(
         result = stream.result
         assert result is not None
         if result.finish_reason == "error":
-            yield json.dumps(
-                error_body(f"generation failed: {result.error}", "server_error", "generation_failed")
-            )
+            failed = generation_failed(result)
+            yield json.dumps(error_body(str(failed), failed.type, failed.code))
         else:
             yield chunk({}, result.finish_reason)
             if include_usage:
