@@ -356,13 +356,25 @@ class GenerationEngine:
             raise ValueError("the prompt is empty")
         stream = GenerationStream(self, request)
         with self._cond:
-            if len(self._waiting) + len(self._running) >= self.max_running + self.max_queued:
-                self.metrics.request_rejected("overloaded")
-                raise EngineOverloaded(self._retry_after())
+            self._refuse_when_full()
             self._waiting.append(_Sequence(stream, self.model))
             self.metrics.request_queued(len(self._waiting))
             self._cond.notify_all()
         return stream
+
+    def check_room(self) -> None:
+        """Raise EngineOverloaded now if `submit()` would: callers refuse a request before counting
+        it anywhere (a user's rate limit should not pay for the server's full queue). `submit()`
+        checks again; between the two another request may take the last place."""
+        if not self.running:
+            raise EngineNotRunning("the generation engine is not running")
+        with self._cond:
+            self._refuse_when_full()
+
+    def _refuse_when_full(self) -> None:
+        if len(self._waiting) + len(self._running) >= self.max_running + self.max_queued:
+            self.metrics.request_rejected("overloaded")
+            raise EngineOverloaded(self._retry_after())
 
     def _notify(self) -> None:
         with self._cond:

@@ -76,6 +76,7 @@ async def _start(
 ) -> StartedReply | Response:
     """Start a reply in `conversation`, or (None) in a new one on `adapter`; a refusal is a notice."""
     try:
+        services.engine.check_room()  # a full queue refuses before the request counts against limits
         admitted = conversation is None
         if conversation is None:
             # Counted before the conversation is created, so a refusal leaves nothing behind.

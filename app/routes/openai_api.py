@@ -63,6 +63,16 @@ class ApiError(Exception):
         )
 
 
+def overloaded(error: EngineOverloaded) -> ApiError:
+    return ApiError(
+        429,
+        str(error),
+        "server_overloaded",
+        "server_overloaded",
+        headers={"Retry-After": str(error.retry_after_s)},
+    )
+
+
 def generation_failed(result: GenerationResult) -> ApiError:
     """A failed generation as an API error: 503 when its adapter could not be loaded (the server's
     trouble, maybe passing: other adapters work meanwhile), else 500."""
@@ -161,7 +171,10 @@ async def chat_completions(
             400, str(error), "invalid_request_error", "context_length_exceeded", "messages"
         ) from None
     try:
+        services.engine.check_room()  # a full queue refuses before the request counts against limits
         await admit(services.sessionmaker, user=user, api_key=key, defaults=services.limit_defaults)
+    except EngineOverloaded as error:
+        raise overloaded(error) from None
     except LimitReached as error:
         # OpenAI's own types: `requests` for a rate limit, `insufficient_quota` for a spent quota.
         kind, code = (
@@ -175,13 +188,7 @@ async def chat_completions(
     try:
         stream = services.engine.submit(prompt)
     except EngineOverloaded as error:
-        raise ApiError(
-            429,
-            str(error),
-            "server_overloaded",
-            "server_overloaded",
-            headers={"Retry-After": str(error.retry_after_s)},
-        ) from None
+        raise overloaded(error) from None
     except (PromptTooLong, ValueError) as error:
         raise ApiError(
             400, str(error), "invalid_request_error", "context_length_exceeded", "messages"

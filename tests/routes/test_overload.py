@@ -7,8 +7,21 @@ from collections.abc import Iterator
 
 import openai
 import pytest
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from tests.conftest import LiveServer, create_api_key, make_settings
+from app.models import DailyUsage, User
+from tests.conftest import LiveServer, create_api_key, make_settings, with_db
+
+
+def requests_counted(server: LiveServer, email: str) -> int:
+    """The requests the member's limits have counted today (app.usage)."""
+
+    async def count(db: AsyncSession) -> int:
+        query = select(func.coalesce(func.sum(DailyUsage.requests), 0)).join(User).where(User.email == email)
+        return int(await db.scalar(query) or 0)
+
+    return with_db(server.settings, count)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +59,12 @@ def test_full_queue_answers_429_and_keeps_the_users_text(busy_server: LiveServer
     assert "second question" not in member.get("/").text
     assert member.get("/").text.count('<li id="conv-') == 1
     assert busy_server.services.engine.load() == {"running": 1, "waiting": 0}
+    # The server's full queue is not the member's doing: only the first chat counted against them.
+    assert requests_counted(busy_server, member.email) == 1
 
     member.post(f"/c/{conversation}/messages/{reply}/stop")
     accepted = member.post(f"/c/{conversation}/messages", data={"message": "second question"})
     assert accepted.status_code == 200
+    assert requests_counted(busy_server, member.email) == 2
     second = re.findall(r'id="msg-([0-9a-f-]{36})" class="message assistant', accepted.text)[-1]
     assert member.post(f"/c/{conversation}/messages/{second}/stop").status_code == 204
