@@ -80,12 +80,14 @@ class UploadLimit:
         prefixes: tuple[str, ...],
         refusal: Callable[[str], dict[str, Any]] = _upload_refusal,
         skip: tuple[str, ...] = (),
+        skip_paths: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.prefixes = prefixes
         self.refusal = refusal
-        self.skip = skip  # prefixes under `prefixes` that another limit looks after
+        # Prefixes, and exact paths, under `prefixes` that another limit looks after.
+        self.skip, self.skip_paths = skip, skip_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -93,6 +95,7 @@ class UploadLimit:
             or scope["method"] != "POST"
             or not scope["path"].startswith(self.prefixes)
             or scope["path"].startswith(self.skip)
+            or scope["path"] in self.skip_paths
         ):
             await self.app(scope, receive, send)
             return
@@ -222,7 +225,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         UploadLimit,
         max_bytes=BROWSER_FORM_BYTES,
         prefixes=("/",),
-        skip=("/v1/", "/api/", "/admin/adapters"),
+        skip=("/v1/", "/api/"),
+        skip_paths=frozenset({"/admin/adapters"}),  # the archive upload; its other forms are small
         refusal=_form_refusal,
     )
     app.add_middleware(

@@ -157,8 +157,7 @@ def test_shellcheck_passes_on_the_scripts() -> None:
 @pytest.mark.parametrize("mode", ["internal", "files", "acme"])
 def test_caddyfile_parses_in_every_tls_mode(mode: str) -> None:
     caddy = shutil.which("caddy") or os.environ.get("CADDY")
-    if not caddy:
-        pytest.skip("caddy is not installed (Debian/Ubuntu: apt-get install caddy)")
+    assert caddy, "caddy is not installed: make test installs it (Debian/Ubuntu: apt-get install caddy)"
     adapted = run(caddy, "adapt", "--config", "deploy/Caddyfile", TLS_MODE=mode, SITE_ADDRESS="chat.example")
     assert adapted.returncode == 0, adapted.stderr
     assert "flush_interval" in adapted.stdout and '"cookie"' in adapted.stdout
