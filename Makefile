@@ -42,19 +42,13 @@ lock: $(VENV)/.installed-dev
 	{ head -n 2 requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v '^#' | sed 's/+cpu$$//'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
-# The browser tests drive Debian's Chromium (browser downloads are not possible here).
-chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
+# Test tools from Debian: Chromium drives the browser tests (browser downloads are not possible
+# here), Caddy parses deploy/Caddyfile in tests/deploy.
+chromium caddy:
+	@command -v $@ >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else echo "Install Chromium (Debian/Ubuntu: sudo apt-get install chromium) for the browser tests"; exit 1; fi; }
-
-# tests/deploy parses deploy/Caddyfile with Caddy itself (skipped, with the reason, without it).
-caddy:
-	@command -v caddy >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq caddy >/dev/null; \
-	  else echo "Install Caddy (Debian/Ubuntu: sudo apt-get install caddy) to check deploy/Caddyfile"; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $@ >/dev/null; \
+	  else echo "Install $@ for the tests (Debian/Ubuntu: sudo apt-get install $@)"; exit 1; fi; }
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check app training tests bench

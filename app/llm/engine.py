@@ -506,11 +506,12 @@ class GenerationEngine:
                 if seq.fed and seq.fed < seq.prompt_len:
                     return  # the rest of this prompt in the next rounds
                 continue
-            group: list[_Sequence] = []
-            while self._prefilling and (self._prefilling[0].done or (
-                not self._prefilling[0].fed and self._prefilling[0].prompt_len <= budget
-            )):  # fmt: skip
-                seq = self._prefilling.popleft()
+            group: list[_Sequence] = []  # the whole prompts at the front of the queue that fit
+            while self._prefilling:
+                seq = self._prefilling[0]
+                if not seq.done and (seq.fed or seq.prompt_len > budget):
+                    break
+                self._prefilling.popleft()
                 if not seq.done:
                     group.append(seq)
                     budget -= seq.prompt_len
