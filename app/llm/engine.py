@@ -6,16 +6,17 @@ two requests touch the model at once. Callers on the event loop `submit()` a
 ends with a `GenerationResult`. `cancel()` on a stream takes effect before the next token.
 
 Scheduling is continuous batching: every round, up to `prefill_chunk` prompt tokens of newly
-admitted requests go through the model (prompts that arrive together packed into one pass; a long
-prompt in chunks over several rounds, so it never stalls the others' streams for its whole
-prefill), then one forward pass advances every decoding sequence by one token, each row with its own
-adapter (app/llm/lora.py; rows without one use the bare base). A sequence joins the batch when its
-prompt is done and leaves it the moment it finishes (app/llm/batch.py keeps the rows' KV caches in
-fixed buffers, and on a GPU the step is replayed from a CUDA graph, app/llm/graphs.py). Up to
-`max_running` sequences are admitted, within `max_batch_tokens` of KV cache; further requests wait
-in a bounded FIFO queue, and past that `submit()` raises `EngineOverloaded` at once (the API turns
-it into 429 + Retry-After). A request that fails fails alone: in its prefill, or, when a batched
-step runs out of memory, the newest sequence ends and the others go on.
+admitted requests go through the model (prompts that arrive together packed into one pass, shortest
+first, each attending only within itself; a long prompt in chunks over several rounds, so it never
+stalls the others' streams for its whole prefill), then one forward pass advances every decoding
+sequence by one token, each row with its own adapter (app/llm/lora.py; rows without one use the bare
+base). A sequence joins the batch when its prompt is done and leaves it the moment it finishes
+(app/llm/batch.py keeps the rows' KV caches in fixed buffers, and on a GPU the step is replayed from
+a CUDA graph, app/llm/graphs.py). Up to `max_running` sequences are admitted, within
+`max_batch_tokens` of KV cache; further requests wait in a bounded FIFO queue, and past that
+`submit()` raises `EngineOverloaded` at once (the API turns it into 429 + Retry-After). A request
+that fails fails alone: in its prefill, or, when a batched step runs out of memory, the newest
+sequence ends and the others go on.
 
 Text comes out UTF-8-safe (a character split across tokens is held back until complete), and
 stop sequences are held back until they can be ruled out, so no stop text is ever streamed.
@@ -41,7 +42,7 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from app.llm.adapters import AdapterFiles, AdapterRef, AdapterUnavailable, ResidentAdapters, read_adapter
-from app.llm.attention import multi_query_attention
+from app.llm.attention import multi_query_attention, packed_prompts
 from app.llm.batch import DecodeBatch
 from app.llm.graphs import make_capturable
 from app.llm.loader import LoadedModel
@@ -53,6 +54,9 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 # Dividing logits by a temperature this close to 0 overflows float32 into NaN probabilities;
 # so close to 0, sampling is greedy decoding anyway.
 GREEDY_BELOW = 1e-6
+# A prompt is prefilled in arrival order, no longer shortest first, once this many rounds' prefill
+# budgets went to other prompts while it waited (GenerationEngine._order_prefills).
+PREFILL_PASSED_OVER_ROUNDS = 3
 T = TypeVar("T")
 
 
@@ -206,6 +210,7 @@ class _Sequence:
         self.prompt = list(request.prompt_ids)
         self.prompt_len = len(self.prompt)
         self.fed = 0  # prompt tokens that went through the model so far (prefill may take rounds)
+        self.passed_over = 0  # prefill rounds that spent their budget on others while it waited
         self.cache: Any = None  # its own KV cache while prefilling; then a row of the decode batch
         self.next_token = -1  # sampled and streamed, to be fed at the next decoding step
         self.generated = 0
@@ -495,6 +500,7 @@ class GenerationEngine:
     def _prefill(self) -> None:
         """Prefill up to `prefill_chunk` prompt tokens: whole prompts packed into one forward pass,
         a prompt longer than what is left of the budget in chunks over several rounds."""
+        self._order_prefills()
         budget = self.prefill_chunk
         while self._prefilling and budget > 0:
             seq = self._prefilling[0]
@@ -504,7 +510,7 @@ class GenerationEngine:
             if seq.fed or seq.prompt_len > budget:
                 budget -= self._prefill_chunk(seq, budget)
                 if seq.fed and seq.fed < seq.prompt_len:
-                    return  # the rest of this prompt in the next rounds
+                    break  # the rest of this prompt in the next rounds
                 continue
             group: list[_Sequence] = []  # the whole prompts at the front of the queue that fit
             while self._prefilling:
@@ -516,6 +522,37 @@ class GenerationEngine:
                     group.append(seq)
                     budget -= seq.prompt_len
             self._prefill_packed(group)
+        for seq in self._prefilling:
+            if not seq.fed:
+                seq.passed_over += 1
+
+    def _order_prefills(self) -> None:
+        """Order this round's prompts: a prompt already partly fed, then those passed over in
+        `PREFILL_PASSED_OVER_ROUNDS` rounds (in arrival order), then the others shortest first.
+
+        When many prompts arrive at once, the first pass then carries as many of them as its budget
+        holds, so more first tokens come out of it than first come first served would give
+        (shortest job first: the least mean wait), and a long prompt's first token comes a pass or
+        two later than it would have. A partly fed prompt goes on first: its cache is held and half
+        built. The fairness bound counts rounds, not seconds: a prompt is passed over only by a
+        round whose whole budget went to others, so it waits behind at most that many budgets of
+        other prompts' tokens (each a few hundred ms on an H200) whatever the card's speed and
+        however many shorter prompts keep arriving; and rounds give the same order from run to run,
+        which the tests rely on.
+        """
+        if len(self._prefilling) < 2:
+            return
+
+        def place(seq: _Sequence) -> tuple[int, int, float]:
+            if seq.fed:
+                return (0, 0, seq.started)
+            if seq.passed_over >= PREFILL_PASSED_OVER_ROUNDS:
+                return (1, 0, seq.started)
+            return (2, seq.prompt_len, seq.started)
+
+        ordered = sorted(self._prefilling, key=place)
+        self._prefilling.clear()
+        self._prefilling.extend(ordered)
 
     def _prefill_chunk(self, seq: _Sequence, budget: int) -> int:
         """Feed the next `budget` tokens of one prompt into its own cache; returns the tokens fed."""
@@ -543,8 +580,11 @@ class GenerationEngine:
         """Several whole prompts in one forward pass, packed end to end into one row.
 
         A forward pass costs the same Python and kernel launches for ten tokens as for a thousand,
-        so prompts that arrive together go in together. Each attends only to itself (a
-        block-diagonal causal mask) at its own positions, and each token's LoRA is its request's.
+        so prompts that arrive together go in together. Each attends only to itself at its own
+        positions, and each token's LoRA is its request's. The attention hook is told the prompts'
+        lengths (`packed_prompts`) and attends within each prompt without a mask; the block-diagonal
+        causal mask still goes to the model, for its own mask handling and for any attention call
+        the hook does not take over (the result is the same either way).
         """
         device = self.model.device
         lengths = [seq.prompt_len for seq in group]
@@ -556,18 +596,22 @@ class GenerationEngine:
         started = time.perf_counter()
         try:
             cache = self._new_cache()
-            out = self._forward(
+            token_slots = (
                 None
                 if slots is None
-                else torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)).to(device)[None, :],
-                input_ids=torch.tensor([[t for seq in group for t in seq.prompt]], device=device),
-                position_ids=torch.cat([torch.arange(n) for n in lengths]).to(device)[None, :],
-                attention_mask=visible[None, None],
-                cache=cache,
-                logits_to_keep=torch.tensor(
-                    [start + n - 1 for start, n in zip(starts, lengths, strict=True)]
-                ),
+                else torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)).to(device)[None, :]
             )
+            with packed_prompts(lengths):
+                out = self._forward(
+                    token_slots,
+                    input_ids=torch.tensor([[t for seq in group for t in seq.prompt]], device=device),
+                    position_ids=torch.cat([torch.arange(n) for n in lengths]).to(device)[None, :],
+                    attention_mask=visible[None, None],
+                    cache=cache,
+                    logits_to_keep=torch.tensor(
+                        [start + n - 1 for start, n in zip(starts, lengths, strict=True)]
+                    ),
+                )
             self.metrics.prefill(sum(lengths), time.perf_counter() - started)
             tokens = [
                 sample_token(out.logits[0, i], seq.params, seq.generator) for i, seq in enumerate(group)

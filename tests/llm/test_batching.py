@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from app.llm.adapters import BASE, AdapterRef
 from app.llm.batch import FIRST_LENGTH
@@ -207,6 +208,17 @@ async def test_prompts_that_arrive_together_prefill_in_one_pass_with_their_own_a
     model = load_model(ModelSpec(str(tiny_model_dir), device="cpu"))
     record = Record()
     engine = GenerationEngine(model, max_running=8, max_adapters=4, metrics=record)
+    original = F.scaled_dot_product_attention
+    causal_unmasked: list[tuple[int, int]] = []  # (queries, keys) of causal calls without a mask
+
+    def calls_reaching_torch(
+        query: torch.Tensor, key: torch.Tensor, *args: object, **kwargs: object
+    ) -> object:
+        if kwargs.get("is_causal") and kwargs.get("attn_mask") is None:
+            causal_unmasked.append((query.shape[-2], key.shape[-2]))
+        return original(query, key, *args, **kwargs)  # type: ignore[arg-type]
+
+    F.scaled_dot_product_attention = calls_reaching_torch  # type: ignore[assignment]
     engine.start()
     try:
         for name in ("finance", "hr"):  # resident first, so no request waits for its files
@@ -214,6 +226,7 @@ async def test_prompts_that_arrive_together_prefill_in_one_pass_with_their_own_a
                 GenerationRequest(prompt(model, "Hi"), SamplingParams(1), adapter=adapters[name])
             ).collect()
         record.events.clear()
+        causal_unmasked.clear()
         requests = [
             GenerationRequest(
                 prompt(model, q), SamplingParams(16, temperature=0), adapter=adapters[a] if a else None
@@ -224,7 +237,14 @@ async def test_prompts_that_arrive_together_prefill_in_one_pass_with_their_own_a
         replies = [(await stream.collect())[0] for stream in streams]
     finally:
         engine.shutdown()
+        F.scaled_dot_product_attention = original
     assert replies == expected
     prefills = [tokens for kind, tokens in record.events if kind == "prefill"]
     assert prefills[0] > max(len(request.prompt_ids) for request in requests), f"packed: {prefills}"
     assert sum(prefills) == sum(len(request.prompt_ids) for request in requests)
+    # The packed pass attended per prompt (app/llm/attention.py's packed_prompts): each prompt of it
+    # reached torch alone, causal and without the block-diagonal mask, in every layer.
+    layers = model.model.config.num_hidden_layers
+    assert sorted(causal_unmasked) == sorted(
+        (len(r.prompt_ids), len(r.prompt_ids)) for r in requests * layers
+    )
