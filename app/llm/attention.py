@@ -131,13 +131,16 @@ def _is_the_whole_pack(
     """A call over the packed row itself: one row, every token a query and a key, nothing cached
     before it. Its mask is the engine's block-diagonal causal one, which the per-prompt kernels
     compute without reading it; anything else (a chunk against a cache, a decoding step) is not
-    this call and keeps its mask."""
+    this call and keeps its mask. So does a float mask: it may carry a bias (Falcon's ALiBi
+    variants add theirs to it) that attending per prompt would drop."""
+    mask = options.get("attn_mask")
     return (
         query.dim() == 4
         and key.dim() == 4
         and value.dim() == 4
         and query.shape[0] == 1
         and query.shape[-2] == key.shape[-2] == value.shape[-2] == pack.total
+        and (mask is None or mask.dtype == torch.bool)
         and not options.get("dropout_p")
     )
 

@@ -120,14 +120,17 @@ def test_each_prompt_reaches_torch_alone_causal_and_without_a_mask() -> None:
 
 
 def test_calls_other_than_the_whole_pack_keep_their_mask() -> None:
-    """A chunk against a cache (more keys than queries), a decoding step and another thread's call
-    are attended as they come, with their masks."""
+    """A chunk against a cache (more keys than queries), a decoding step, a float mask and another
+    thread's call are attended as they come, with their masks."""
     query, key, value = packed_heads(LENGTHS, 1, torch.float32)
     total = sum(LENGTHS)
     chunk_mask = torch.ones(1, 1, 4, total, dtype=torch.bool).tril(diagonal=total - 4)
     step_mask = torch.ones(1, 1, 1, total, dtype=torch.bool)
     step_mask[..., :3] = False
-    cases = [(query[..., -4:, :], chunk_mask), (query[..., -1:, :], step_mask)]
+    # A float mask over the whole pack, as an ALiBi model adds its bias to: the bias must stay.
+    biased = torch.zeros(1, 4, total, total).masked_fill(~block_diagonal_causal(LENGTHS), float("-inf"))
+    biased += torch.linspace(-1, 0, total)
+    cases = [(query[..., -4:, :], chunk_mask), (query[..., -1:, :], step_mask), (query, biased)]
     with multi_query_attention():
         expected = [F.scaled_dot_product_attention(q, key, value, attn_mask=m) for q, m in cases]
         elsewhere = F.scaled_dot_product_attention(
