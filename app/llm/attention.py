@@ -71,8 +71,8 @@ class PackedPrompts:
         self.lengths = tuple(int(n) for n in lengths)
         self.total = sum(self.lengths)
         self.kernel = kernel
-        # How many attention calls went which way ("varlen", "segments"): the engine's tests and
-        # the benchmark check that the pass really attended per prompt.
+        # How many attention calls went which way ("varlen", "segments"): the tests and the
+        # benchmark check that a pass really attended per prompt, and how.
         self.calls: Counter[str] = Counter()
         self._cumulative: dict[torch.device, torch.Tensor] = {}
 
@@ -202,6 +202,7 @@ def _find_varlen() -> tuple[Callable[..., Any] | None, frozenset[str], str | Non
 
 
 _varlen_attn, _varlen_parameters, _varlen_unusable = _find_varlen()
+_varlen_expands = False  # this torch's varlen_attn refused one key head for many query heads
 
 
 def varlen_unusable() -> str | None:
@@ -221,6 +222,7 @@ def _varlen(
 ) -> torch.Tensor:
     if _varlen_unusable is not None or _varlen_attn is None:
         raise RuntimeError(_varlen_unusable or "no varlen_attn")
+    varlen_attn = _varlen_attn
     # [1, heads, tokens, dim] -> varlen's [tokens, heads, dim], as views.
     q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
     options: dict[str, Any] = {}
@@ -230,18 +232,35 @@ def _varlen(
         options["is_causal"] = True
     if scale is not None:
         options["scale"] = scale
-    if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in _varlen_parameters:
-            options["enable_gqa"] = True  # flash attention reads the one key head for all query heads
-        elif k.shape[1] == 1:
-            k = k.expand(-1, q.shape[1], -1)
-            v = v.expand(-1, q.shape[1], -1)
-        else:
-            raise ValueError("this torch's varlen_attn wants as many key heads as query heads")
     bounds = pack.cumulative(query.device)
     longest = max(pack.lengths)
-    out = _varlen_attn(q, k, v, bounds, bounds, longest, longest, **options)
-    return out.transpose(0, 1)[None]
+
+    def attend(k: torch.Tensor, v: torch.Tensor, **extra: Any) -> torch.Tensor:
+        out = varlen_attn(q, k, v, bounds, bounds, longest, longest, **options, **extra)
+        return out.transpose(0, 1)[None]
+
+    heads = q.shape[1]
+    if k.shape[1] == heads:
+        return attend(k, v)
+    if "enable_gqa" in _varlen_parameters:
+        return attend(k, v, enable_gqa=True)  # flash attention reads the one key head for every query head
+    if k.shape[1] != 1:
+        raise ValueError("this torch's varlen_attn wants as many key heads as query heads")
+    if not _varlen_expands:
+        # Before enable_gqa, varlen_attn checked no head counts, and its flash kernel reads one key
+        # head for many query heads anyway; should this torch refuse, expand as a view from then on.
+        try:
+            return attend(k, v)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError):
+            _expand_for_varlen()
+    return attend(k.expand(-1, heads, -1), v.expand(-1, heads, -1))
+
+
+def _expand_for_varlen() -> None:
+    global _varlen_expands
+    _varlen_expands = True
 
 
 @contextlib.contextmanager

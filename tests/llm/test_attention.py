@@ -199,3 +199,21 @@ def test_the_varlen_call_passes_this_torchs_checks_on_meta_tensors() -> None:
     key = torch.empty(1, 1, total, 64, device="meta", dtype=torch.bfloat16)
     out = _varlen(pack, query, key, key, None)  # the hook's varlen call itself: the public path needs CUDA
     assert out.shape == query.shape and out.dtype == query.dtype
+
+
+@pytest.mark.skipif(varlen_unusable() is not None, reason=f"no usable varlen_attn: {varlen_unusable()}")
+def test_without_enable_gqa_the_varlen_call_expands_the_key_head_when_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As on a torch whose varlen_attn predates enable_gqa: this torch's refuses one key head for 71
+    query heads without it, so the hook expands the head (a view) and keeps doing so."""
+    from app.llm import attention
+
+    monkeypatch.setattr(attention, "_varlen_parameters", attention._varlen_parameters - {"enable_gqa"})
+    monkeypatch.setattr(attention, "_varlen_expands", False)
+    total = sum(LENGTHS)
+    query = torch.empty(1, 71, total, 64, device="meta", dtype=torch.bfloat16)
+    key = torch.empty(1, 1, total, 64, device="meta", dtype=torch.bfloat16)
+    out = _varlen(PackedPrompts(LENGTHS, "varlen"), query, key, key, None)
+    assert out.shape == query.shape
+    assert attention._varlen_expands
