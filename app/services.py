@@ -136,6 +136,7 @@ async def build_services(settings: Settings, *, metrics: ServerMetrics) -> Servi
         max_batch_tokens=settings.max_batch_tokens,
         prefill_chunk=settings.prefill_chunk_tokens,
         cuda_graphs=settings.cuda_graphs,
+        keep_dequantized_weights=settings.keep_dequantized_weights,
         max_adapters=settings.max_resident_adapters,
         metrics=metrics.engine,
     )

@@ -63,7 +63,7 @@ def triton_rows(
     return add_lora(y, x, a, b, slots, RANK)  # in place: y is the base layer's fresh output when served
 
 
-def time_graph(fn: Callable[[], None], replays: int = 50) -> float:
+def time_graph(fn: Callable[[], object], replays: int = 50) -> float:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

@@ -44,6 +44,7 @@ import torch
 from app.llm.adapters import AdapterFiles, AdapterRef, AdapterUnavailable, ResidentAdapters, read_adapter
 from app.llm.attention import multi_query_attention, packed_prompts
 from app.llm.batch import DecodeBatch
+from app.llm.dequantized import keep_dequantized
 from app.llm.graphs import make_capturable
 from app.llm.loader import LoadedModel
 from app.llm.metrics import EngineMetrics
@@ -256,6 +257,7 @@ class GenerationEngine:
         max_batch_tokens: int | None = None,
         prefill_chunk: int = 8192,
         cuda_graphs: bool = True,
+        keep_dequantized_weights: bool = False,
         metrics: EngineMetrics | None = None,
     ) -> None:
         self.model = model
@@ -280,6 +282,11 @@ class GenerationEngine:
         )
         if self._batch.graphs is not None:
             make_capturable(model.model)
+        if keep_dequantized_weights:
+            # Memory for speed: passes of several tokens skip dequantizing every weight each time
+            # (app/llm/dequantized.py).
+            added = keep_dequantized(model.model, model.model.dtype)
+            log.info("kept a dequantized copy of the 4-bit weights: %.1f GiB", added / 2**30)
         self._calls: list[Callable[[], None]] = []  # work for the worker thread between rounds
         self._stopping = False
         self._thread: threading.Thread | None = None

@@ -1,0 +1,56 @@
+"""A bf16 copy of the 4-bit weights, dequantized once, for passes of several tokens (opt-in).
+
+With NF4 weights, bitsandbytes multiplies a pass of two or more tokens by dequantizing each whole
+weight to bf16 (on Hopper: its calibrated choice for these shapes) and handing that to cuBLAS: it
+writes a bf16 copy four times the 4-bit weight's size and reads it back, in every layer of every
+decoding step. On an H200 that made Falcon-7B's 4-bit matmuls 12 ms of a step of 8 to 64 rows,
+against 3.9 ms for the same products on weights already in bf16 (bench/nf4_kernels.py,
+docs/benchmarks.md). Two ways to avoid the round trip measured slower than bitsandbytes: a Triton
+kernel with the NF4 lookup in registers, and dequantizing in slices meant to stay in the L2 cache
+(its bf16 writes still went back to memory).
+
+So where the card has the memory, `KEEP_DEQUANTIZED_WEIGHTS=true` keeps each 4-bit layer's
+weight dequantized once, by bitsandbytes itself, exactly as its batched path dequantizes it in
+every pass: the model is the same NF4 model (the base its QLoRA adapters were trained against, not
+the original bf16 checkpoint), passes of two tokens or more compute what bitsandbytes computes,
+and a one-row step keeps bitsandbytes' fused 4-bit kernel, which is faster there. It costs two
+bytes per parameter on top of the 4-bit weights: 12.3 GiB for Falcon-7B.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+MIN_TOKENS = 2  # one token: bitsandbytes' fused one-row kernel reads the 4-bit weight once, and wins
+
+
+def keep_dequantized(model: nn.Module, dtype: torch.dtype) -> int:
+    """Give every 4-bit layer of `model` a dequantized copy used for passes of MIN_TOKENS or more
+    tokens; returns the bytes the copies take."""
+    import bitsandbytes as bnb
+    from bitsandbytes import functional as F
+
+    added = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit) or hasattr(module, "dequantized_weight"):
+            continue
+        packed: Any = module.weight  # bitsandbytes' Params4bit, with its quant_state
+        with torch.no_grad():
+            weight = F.dequantize_4bit(packed.data, packed.quant_state).to(dtype)
+        module.dequantized_weight = weight
+        # This instance's forward only: the model's other code (and PEFT) still sees a Linear4bit.
+        module.forward = types.MethodType(_forward, module)  # type: ignore[method-assign]
+        added += weight.numel() * weight.element_size()
+    return added
+
+
+def _forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    if x.numel() // x.shape[-1] < MIN_TOKENS or not self.compute_type_is_set:
+        return type(self).forward(self, x)  # bitsandbytes' own (and its first call's setup)
+    weight = self.dequantized_weight
+    bias = None if self.bias is None else self.bias.to(weight.dtype)
+    return nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
