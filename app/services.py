@@ -129,17 +129,21 @@ async def build_services(settings: Settings, *, metrics: ServerMetrics) -> Servi
             interrupted,
         )
     model = await asyncio.to_thread(load_configured_model, settings)
-    engine = GenerationEngine(
-        model,
-        max_running=settings.running_generations(model.device.type),
-        max_queued=settings.max_queued_generations,
-        max_batch_tokens=settings.max_batch_tokens,
-        prefill_chunk=settings.prefill_chunk_tokens,
-        cuda_graphs=settings.cuda_graphs,
-        keep_dequantized_weights=settings.keep_dequantized_weights,
-        max_adapters=settings.max_resident_adapters,
-        metrics=metrics.engine,
-    )
+    try:  # in a thread: KEEP_DEQUANTIZED_WEIGHTS dequantizes every layer first
+        engine = await asyncio.to_thread(
+            GenerationEngine,
+            model,
+            max_running=settings.running_generations(model.device.type),
+            max_queued=settings.max_queued_generations,
+            max_batch_tokens=settings.max_batch_tokens,
+            prefill_chunk=settings.prefill_chunk_tokens,
+            cuda_graphs=settings.cuda_graphs,
+            keep_dequantized_weights=settings.keep_dequantized_weights,
+            max_adapters=settings.max_resident_adapters,
+            metrics=metrics.engine,
+        )
+    except ModelLoadError as error:  # KEEP_DEQUANTIZED_WEIGHTS without the memory for it
+        raise StartupError(f"cannot start: {error}") from None
     engine.start()
     templates = Jinja2Templates(directory=TEMPLATES_DIR)
     templates.env.filters["markdown"] = render_markdown

@@ -26,19 +26,45 @@ import torch
 from torch import nn
 
 MIN_TOKENS = 2  # one token: bitsandbytes' fused one-row kernel reads the 4-bit weight once, and wins
+RESERVE_BYTES = 2 << 30  # left free after the copy: KV cache, a packed prefill's activations
 
 
-def keep_dequantized(model: nn.Module, dtype: torch.dtype) -> int:
+def keep_dequantized(model: nn.Module, dtype: torch.dtype, free_bytes: int | None = None) -> int:
     """Give every 4-bit layer of `model` a dequantized copy used for passes of MIN_TOKENS or more
-    tokens; returns the bytes the copies take."""
+    tokens; returns the bytes the copies take.
+
+    Refuses (ModelLoadError, before copying anything) when the copies and RESERVE_BYTES for the KV
+    cache and activations do not fit in `free_bytes`: by default, what the GPU has free (no bound
+    on the CPU). Running out of memory halfway through loading would leave the server unable to
+    start with nothing but an allocator's traceback to say why.
+    """
     import bitsandbytes as bnb
     from bitsandbytes import functional as F
 
+    from app.llm.loader import ModelLoadError
+
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Linear4bit) and not hasattr(m, "dequantized_weight")
+    ]
+    if not layers:
+        return 0
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    needed = sum(_packed(m).quant_state.shape.numel() * itemsize for m in layers)
+    device = layers[0].weight.device
+    if free_bytes is None and device.type == "cuda":
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    if free_bytes is not None and needed + RESERVE_BYTES > free_bytes:
+        raise ModelLoadError(
+            f"KEEP_DEQUANTIZED_WEIGHTS=true needs {needed / 2**30:.1f} GiB for the dequantized copy "
+            f"(and {RESERVE_BYTES / 2**30:.0f} GiB left for the KV cache and activations), but "
+            f"{device} has {free_bytes / 2**30:.1f} GiB free: set KEEP_DEQUANTIZED_WEIGHTS=false to "
+            "serve from the 4-bit weights alone, or use a GPU with more memory"
+        )
     added = 0
-    for module in model.modules():
-        if not isinstance(module, bnb.nn.Linear4bit) or hasattr(module, "dequantized_weight"):
-            continue
-        packed: Any = module.weight  # bitsandbytes' Params4bit, with its quant_state
+    for module in layers:
+        packed = _packed(module)
         with torch.no_grad():
             weight = F.dequantize_4bit(packed.data, packed.quant_state).to(dtype)
         module.dequantized_weight = weight
@@ -46,6 +72,10 @@ def keep_dequantized(model: nn.Module, dtype: torch.dtype) -> int:
         module.forward = types.MethodType(_forward, module)  # type: ignore[method-assign]
         added += weight.numel() * weight.element_size()
     return added
+
+
+def _packed(layer: nn.Module) -> Any:
+    return layer.weight  # bitsandbytes' Params4bit: the packed 4-bit values, with their quant_state
 
 
 def _forward(self: Any, x: torch.Tensor) -> torch.Tensor:

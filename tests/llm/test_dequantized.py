@@ -11,13 +11,14 @@ import asyncio
 from pathlib import Path
 
 import bitsandbytes as bnb
+import pytest
 import torch
 from bitsandbytes import functional as F
 
 from app.llm.adapters import AdapterRef
-from app.llm.dequantized import keep_dequantized
+from app.llm.dequantized import RESERVE_BYTES, keep_dequantized
 from app.llm.engine import GenerationEngine, GenerationRequest, SamplingParams
-from app.llm.loader import ModelSpec, load_model
+from app.llm.loader import ModelLoadError, ModelSpec, load_model
 from tests.llm.test_batching import QUESTIONS, Record, adapters, plain_recipe, prompt
 
 __all__ = ["adapters"]  # the module-scoped fixture, shared with test_batching
@@ -81,3 +82,12 @@ async def test_the_engine_with_the_copy_gives_the_plain_recipes_greedy_text(
         engine.shutdown()
     assert together == expected
     assert max(size for kind, size in record.events if kind == "step") >= 4, "they decoded together"
+
+
+def test_without_the_memory_for_the_copy_it_refuses_before_copying_anything(tiny_model_dir: Path) -> None:
+    loaded = load_model(ModelSpec(str(tiny_model_dir), quantization="nf4", device="cpu"))
+    with pytest.raises(ModelLoadError) as refused:
+        keep_dequantized(loaded.model, loaded.model.dtype, free_bytes=RESERVE_BYTES)
+    message = str(refused.value)
+    assert "KEEP_DEQUANTIZED_WEIGHTS=false" in message and "GiB free" in message
+    assert not any(hasattr(layer, "dequantized_weight") for layer in four_bit_layers(loaded.model))

@@ -133,3 +133,36 @@ def test_a_request_without_a_system_message_gets_the_servers_system_prompt(
     assert bare == ask([{"role": "system", "content": server.settings.system_prompt}, question])
     own = ask([{"role": "system", "content": "Be brief."}, question])
     assert own[0] < bare[0]  # the short system message instead of SYSTEM_PROMPT, not as well
+
+
+def test_a_server_keeping_dequantized_weights_answers_as_the_4bit_one(
+    server: LiveServer,
+    member_factory,
+    tmp_path,
+    tiny_model_dir,  # type: ignore[no-untyped-def]
+) -> None:
+    """KEEP_DEQUANTIZED_WEIGHTS=true reaches the engine, and greedy replies do not change."""
+    from tests.conftest import make_settings
+
+    dequantized = LiveServer(make_settings(tmp_path, tiny_model_dir, keep_dequantized_weights=True)).start()
+    try:
+        layers = [
+            m for m in dequantized.services.engine.model.model.modules() if hasattr(m, "dequantized_weight")
+        ]
+        assert layers, "the engine kept the copy"
+        replies = []
+        for live in (server, dequantized):
+            member = member_factory(live)
+            client = openai.OpenAI(
+                base_url=f"{live.url}/v1", api_key=create_api_key(live.settings, member.email), max_retries=0
+            )
+            reply = client.chat.completions.create(
+                model=live.settings.model_name,
+                messages=[{"role": "user", "content": "What is the leave policy?"}],
+                max_tokens=24,
+                temperature=0,
+            )
+            replies.append(reply.choices[0].message.content)
+    finally:
+        dequantized.stop()
+    assert replies[0] == replies[1] and replies[0]
