@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     # A session unused for this many hours ends (the next request signs in again); 0: only
     # SESSION_TTL_HOURS ends it.
     session_idle_hours: Annotated[int, Field(ge=0)] = 24
+    # Failed password sign-ins for one email from one address in 15 minutes before that email is
+    # refused from there until the oldest leaves the window (an address gets 10x over all emails);
+    # 0: no bound (app/auth/throttle.py).
+    sign_in_failure_limit: Annotated[int, Field(ge=0)] = 10
     # Mark cookies Secure (HTTPS only) and send Strict-Transport-Security. Set it whenever the app is
     # reached over HTTPS (HSTS is also sent on any request that arrived over HTTPS).
     cookie_secure: bool = False

@@ -285,8 +285,9 @@ class RegistryState(Base):
 
 
 class RateWindow(Base):
-    """Requests admitted in one minute for one subject ("user:<id>" or "key:<id>"): a fixed-window
-    counter in SQL, so every server process sharing the database counts the same requests."""
+    """Requests admitted in one minute for one subject ("user:<id>" or "key:<id>"), or failed
+    password sign-ins ("pwa:"/"pwe:" and a keyed hash, app/auth/throttle.py): a fixed-window counter
+    in SQL, so every server process sharing the database counts the same."""
 
     __tablename__ = "rate_windows"
 

@@ -86,6 +86,17 @@ def _insert(db: AsyncSession, table: Any) -> Any:
     return dialect.insert(table)
 
 
+async def count_in_window(db: AsyncSession, subject: str, minute: int) -> None:
+    """Count one event in `subject`'s window for `minute`, with no bound (failed sign-ins)."""
+    insert = _insert(db, RateWindow)
+    await db.execute(
+        insert.values(subject=subject, minute=minute, requests=1).on_conflict_do_update(
+            index_elements=[RateWindow.subject, RateWindow.minute],
+            set_={"requests": RateWindow.requests + 1},
+        )
+    )
+
+
 async def _take_from_window(db: AsyncSession, subject: str, minute: int, limit: int) -> bool:
     """Count one request in `subject`'s window if it is under `limit`; False when it is full."""
     insert = _insert(db, RateWindow)

@@ -235,7 +235,7 @@ def test_payloads_as_messages_replies_and_titles_never_run(page: Page, server: L
             " s.dispatchEvent(new Event('change', {bubbles: true})); }",
             text,
         )
-        expect(page.locator("#notice")).to_contain_text(f"The model '{text}' does not exist")
+        expect(page.locator("#notice")).to_contain_text(f"The adapter '{text}' is not available")
         assert_nothing_ran(page, f"the refusal of the adapter {text!r}")
 
 

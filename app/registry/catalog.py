@@ -36,7 +36,12 @@ def content_key(sha256: str) -> str:
 
 
 class UnknownModel(LookupError):
-    """No adapter (or base model) of that name is served here; the message says what is."""
+    """No adapter (or base model) of that name is served here. The message is the API's (it points
+    at GET /v1/models); `in_chat` says the same to someone choosing in the browser."""
+
+    def __init__(self, message: str, *, in_chat: str) -> None:
+        super().__init__(message)
+        self.in_chat = in_chat
 
 
 @dataclass(frozen=True)
@@ -130,18 +135,21 @@ class Catalog:
         name, _, pinned = model.partition("@")
         if name not in snap.active or not self.may_use(user, name):
             raise UnknownModel(
-                f"the model '{model}' does not exist; GET /v1/models lists the models served here"
+                f"the model '{model}' does not exist; GET /v1/models lists the models served here",
+                in_chat=f"the adapter '{model}' is not available; choose another one in the list",
             )
         if pinned:
             if not pinned.isdigit() or (name, int(pinned)) not in snap.versions:
-                raise UnknownModel(f"adapter '{name}' has no version '{pinned}'")
+                message = f"adapter '{name}' has no version '{pinned}'"
+                raise UnknownModel(message, in_chat=message)
             served = snap.versions[(name, int(pinned))]
         else:
             served = snap.versions[(name, snap.active[name])]
         if not served.ready:
-            raise UnknownModel(
+            message = (
                 f"adapter '{served.label}' is {served.status.value}; an admin can enable or activate another"
             )
+            raise UnknownModel(message, in_chat=message)
         return served
 
     def ref(self, served: ServedVersion) -> AdapterRef:

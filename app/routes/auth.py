@@ -4,6 +4,7 @@ for approval. (Sign-in through the trusted proxy's headers needs no page: app.de
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 from datetime import timedelta
 from typing import Annotated
@@ -12,6 +13,7 @@ from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
 
 from app.auth import service as auth
+from app.auth import throttle
 from app.auth.oidc import STATE_COOKIE, STATE_COOKIE_PATH, OidcClient, OidcError
 from app.deps import (
     CSRF_FIELD,
@@ -27,6 +29,8 @@ from app.deps import (
 from app.models import AuthSession, SignInMethod, User
 from app.routes.html import forget_cookie, redirect, render, sentence
 from app.services import Services
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["auth"])
 
@@ -112,10 +116,32 @@ async def login(
             email=email,
             error="The sign-in form expired. Please try again.",
         )
+    client = client_of(request)
+    limit = services.settings.sign_in_failure_limit
+    wait = await throttle.wait_before_sign_in(
+        db, secret=services.secret, email=email, address=client.address, limit=limit
+    )
+    if wait:
+        # The password is not checked, and the attempt not audited: the failures that led here were.
+        log.warning("sign-in refused: too many failed sign-ins from %s", client.address)
+        refused = _login_page(
+            request,
+            services,
+            next_url=safe_next(next),
+            status=429,
+            email=email,
+            error=f"Too many failed sign-ins. Try again in {max(1, round(wait / 60))} min.",
+        )
+        refused.headers["Retry-After"] = str(wait)
+        return refused
     user = await auth.authenticate(db, email=email, password=password)
     if user is None:
+        if limit:
+            await throttle.count_failed_sign_in(
+                db, secret=services.secret, email=email, address=client.address
+            )
         await auth.record_failed_sign_in(
-            db, email=email, method=SignInMethod.PASSWORD, client=client_of(request),
+            db, email=email, method=SignInMethod.PASSWORD, client=client,
             reason="wrong email or password, or the account is disabled",
         )  # fmt: skip
         return _login_page(

@@ -149,7 +149,7 @@ async def create_chat(
     try:
         services.catalog.resolve(adapter or None, session.user)
     except UnknownModel as error:
-        return notice(request, services, sentence(error), status_code=400)
+        return notice(request, services, sentence(error.in_chat), status_code=400)
     # A refusal leaves no empty conversation: it is created in the request's transaction, which
     # commits only with the first exchange.
     started = await _start(request, services, db, session, None, message, adapter=adapter or None)
@@ -193,7 +193,7 @@ async def choose_adapter(
     try:
         services.catalog.resolve(adapter or None, session.user)
     except UnknownModel as error:
-        return notice(request, services, sentence(error), status_code=400)
+        return notice(request, services, sentence(error.in_chat), status_code=400)
     await chats.set_adapter(db, conversation, adapter or None)
     return render(
         request,

@@ -186,13 +186,14 @@ def test_the_chat_picker_offers_only_the_adapters_open_to_the_user(
     # open to them, the picker is not shown at all).
     assert option not in page and 'name="adapter"' not in page
     refused = outsider.post("/c", data={"message": "Hello", "adapter": ADAPTER})
-    assert refused.status_code == 400 and "does not exist" in refused.text
+    assert refused.status_code == 400 and f"The adapter &#39;{ADAPTER}&#39; is not available" in refused.text
+    assert "/v1/models" not in refused.text  # the API's wording is not the chat's
     assert conversations_of(groups_server, outsider) == 0
 
     own = outsider.start_chat("Hello")
     assert option not in outsider.get(f"/c/{own}").text
     switched = outsider.post(f"/c/{own}/adapter", data={"adapter": ADAPTER})
-    assert switched.status_code == 400 and "does not exist" in switched.text
+    assert switched.status_code == 400 and "is not available; choose another one" in switched.text
 
     # An insider's conversation on the adapter, after they leave the group: not served, said so.
     response = insider.post("/c", data={"message": "Hello", "adapter": ADAPTER})

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import httpx
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from tests.conftest import PASSWORD, LiveServer, create_user, sign_in
+from app.models import AuditEvent
+from tests.conftest import PASSWORD, LiveServer, create_user, make_settings, sign_in, with_db
 
 
 def login_form(client: httpx.Client) -> str:
@@ -61,3 +65,51 @@ def test_next_only_leads_back_into_this_site(server: LiveServer) -> None:
                 data={"email": "next@example.com", "password": PASSWORD, "csrf_token": token, "next": target},
             )
             assert response.headers["location"] == expected, target
+
+
+def test_failed_sign_ins_pause_that_email_from_that_address_only(
+    database_url: str, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """After SIGN_IN_FAILURE_LIMIT failures an email is refused from that address (the password
+    unchecked, nothing audited) with 429 + Retry-After; its owner elsewhere still signs in; an address
+    spraying many emails is refused after ten times the limit."""
+    settings = make_settings(tmp_path, tiny_model_dir, database_url=database_url, sign_in_failure_limit=3)
+    live = LiveServer(settings).start()
+    try:
+        create_user(settings, "guessed@example.com")
+        attacker = {"X-Forwarded-For": "203.0.113.7"}  # the test client is a trusted proxy (127.0.0.1)
+        owner = {"X-Forwarded-For": "198.51.100.20"}
+
+        def attempt(email: str, password: str, headers: dict[str, str]) -> httpx.Response:
+            with httpx.Client(base_url=live.url, headers=headers) as client:
+                data = {"email": email, "password": password, "csrf_token": login_form(client)}
+                return client.post("/login", data=data)
+
+        assert [attempt("guessed@example.com", "wrong", attacker).status_code for _ in range(3)] == [401] * 3
+        refused = attempt("guessed@example.com", PASSWORD, attacker)  # even the right password
+        assert refused.status_code == 429 and "Too many failed sign-ins" in refused.text
+        assert 0 < int(refused.headers["Retry-After"]) <= 15 * 60
+        assert "pgpt_session" not in refused.cookies
+        assert attempt("guessed@example.com", PASSWORD, owner).status_code == 303
+
+        async def failures(db: AsyncSession) -> int:
+            return len(
+                (
+                    await db.scalars(
+                        select(AuditEvent).where(
+                            AuditEvent.action == "sign-in.failed",
+                            AuditEvent.target == "guessed@example.com",
+                        )
+                    )
+                ).all()
+            )
+
+        assert with_db(settings, failures) == 3, "the refused attempt added no audit row"
+
+        # Password spraying: 30 failures from one address over all emails, then every email waits.
+        for i in range(27):
+            assert attempt(f"sprayed{i}@example.com", "Winter2026!", attacker).status_code == 401
+        assert attempt("sprayed-next@example.com", "Winter2026!", attacker).status_code == 429
+        assert attempt("sprayed-next@example.com", "Winter2026!", owner).status_code == 401
+    finally:
+        live.stop()
