@@ -20,16 +20,20 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import httpx
 import pytest
-import uvicorn
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.config import Settings
 from app.llm.demo import DemoModelShape, ensure_demo_model
 from app.llm.loader import LoadedModel, ModelSpec, load_model
+
+# The web stack is imported where it is used, not here: tests/llm runs on the GPU machine, which
+# has torch, transformers, peft and bitsandbytes but no web stack (docs/benchmarks.md, "GPU tests").
+if TYPE_CHECKING:
+    import httpx
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from app.config import Settings
 
 POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 PASSWORD = "correct horse battery"
@@ -117,6 +121,8 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(settings)
+        import uvicorn
+
         config = uvicorn.Config(
             self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
             proxy_headers=False,  # as `python -m app serve`: the app applies forwarded headers itself
@@ -154,6 +160,8 @@ def make_settings(
         "secret_key": "test-secret-key-" + "x" * 32,
     }
     values.update(overrides)
+    from app.config import Settings
+
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
@@ -255,6 +263,8 @@ class Member:
 
 
 def sign_in(server: LiveServer, email: str) -> Member:
+    import httpx
+
     client = httpx.Client(base_url=server.url, timeout=60)
     page = client.get("/login")
     token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
@@ -358,6 +368,8 @@ class Admin:
         return {"Authorization": f"Bearer {self.key}"}
 
     def upload(self, name: str, archive: Path, notes: str = "") -> httpx.Response:
+        import httpx
+
         with archive.open("rb") as file:
             return httpx.post(
                 f"{self.server.url}/api/admin/adapters/{name}/versions",
@@ -368,10 +380,14 @@ class Admin:
             )
 
     def act(self, name: str, version: int, action: str) -> httpx.Response:
+        import httpx
+
         url = f"{self.server.url}/api/admin/adapters/{name}/versions/{version}/{action}"
         return httpx.post(url, headers=self.headers, timeout=60)
 
     def set_default(self, name: str | None) -> httpx.Response:
+        import httpx
+
         return httpx.put(
             f"{self.server.url}/api/admin/default-adapter", headers=self.headers, json={"name": name}
         )

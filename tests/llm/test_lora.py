@@ -79,8 +79,8 @@ def test_an_unloaded_slot_leaves_nothing_behind_for_its_next_tenant(
 def test_on_a_gpu_decoding_steps_use_the_triton_kernels_and_give_the_masked_products(
     tiny_model_dir: Path, adapters: list[AdapterRef]
 ) -> None:
-    """For a GPU machine with the whole stack (the benchmark GPU has no web stack: there
-    bench/lora_kernels.py compares the two ways on Falcon-7B's shapes)."""
+    """Runs on the GPU machine: tests/llm needs no web stack (docs/benchmarks.md, "GPU tests").
+    bench/lora_kernels.py compares the two ways on Falcon-7B's shapes."""
     served = load_model(ModelSpec(str(tiny_model_dir), device="cuda"))
     resident = ResidentAdapters(served.model, max_resident=3)
     for ref in adapters:
