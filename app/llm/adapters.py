@@ -151,6 +151,21 @@ class ResidentAdapters:
         self._holders[ref.key] += 1
         self._holders.move_to_end(ref.key)
 
+    def has_free_slot(self, key: str) -> bool:
+        """Whether `key` is not resident and would fit without unloading anything."""
+        return key not in self._holders and key not in self._doomed and len(self._holders) < self.max_resident
+
+    def preload(self, ref: AdapterRef, files: AdapterFiles) -> bool:
+        """Load `ref` ahead of its first request, into a free slot only: a preload never unloads an
+        adapter. It stays idle and first in line for eviction until a request uses it. False when
+        it is already resident or no slot is free."""
+        if not self.has_free_slot(ref.key):
+            return False
+        self._load(ref, files)
+        self._holders[ref.key] = 0
+        self._holders.move_to_end(ref.key, last=False)
+        return True
+
     def release(self, key: str) -> None:
         self._holders[key] -= 1
         if self._holders[key] == 0 and key in self._doomed:

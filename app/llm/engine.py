@@ -352,6 +352,15 @@ class GenerationEngine:
         files = await asyncio.to_thread(read_adapter, ref, self.model.device)
         return await self.call(lambda: self.adapters.probe(ref, prompt_ids, files))
 
+    async def preload_adapter(self, ref: AdapterRef) -> bool:
+        """Load an adapter into a free slot before anyone asks for it, so its first request does
+        not wait for its files; never unloads another adapter. False when it is resident already
+        or no slot is free. The files are read off the worker thread, as for a request."""
+        if not await self.call(lambda: self.adapters.has_free_slot(ref.key)):
+            return False
+        files = await asyncio.to_thread(read_adapter, ref, self.model.device)
+        return await self.call(lambda: self.adapters.preload(ref, files))
+
     async def remove_adapter(self, key: str) -> None:
         """Unload an adapter version (at once if idle, else when the requests using it end)."""
         await self.call(lambda: self.adapters.remove(key))

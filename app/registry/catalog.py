@@ -96,6 +96,8 @@ class Catalog:
         self.snapshot = Snapshot()
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
+        self._preloading: asyncio.Task[None] | None = None
+        self._preload_wanted = False
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -194,15 +196,35 @@ class Catalog:
         for key in gone - self.snapshot.servable_keys():
             await self._engine.remove_adapter(key)
         log.info("registry revision %d: %d adapters", current, len(active))
+        self._preload_wanted = True  # a preload already running goes round again with this view
+        if self._preloading is None or self._preloading.done():
+            self._preloading = asyncio.create_task(self._preload(), name="adapter-preload")
+
+    async def _preload(self) -> None:
+        """Load the active adapters into the engine's free slots, the default first, so that first
+        requests do not wait for files (at start-up, and when another process activated a version).
+        Only free slots: adapters in use are never pushed out for one nobody asked for yet."""
+        while self._preload_wanted:
+            self._preload_wanted = False
+            snap = self.snapshot
+            for name in sorted(snap.active, key=lambda name: (name != snap.default, name)):
+                served = snap.versions[(name, snap.active[name])]
+                if not served.ready or snap is not self.snapshot:
+                    continue
+                try:
+                    await self._engine.preload_adapter(self.ref(served))
+                except Exception as error:  # its own requests will say what is wrong with it
+                    log.warning("could not preload adapter %s: %s", served.label, error)
 
     def start_polling(self) -> None:
         self._poller = asyncio.create_task(self._poll(), name="registry-poller")
 
     async def stop_polling(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        for task in (self._poller, self._preloading):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _poll(self) -> None:
         while True:

@@ -307,3 +307,44 @@ def test_a_version_whose_files_vanished_is_marked_failed(
     )
     refused = admin.act("vanishing", 1, "enable")
     assert refused.status_code == 409 and "upload a fixed version" in refused.json()["detail"]
+
+
+def test_a_server_starting_on_a_registry_preloads_its_adapters_into_free_slots(
+    tmp_path: Path, tiny_model_dir: Path, archives
+) -> None:
+    """A second server on the same registry loads the active adapters before anyone asks, the
+    default first and only into free slots; the first request for one then loads nothing."""
+    settings = make_settings(tmp_path, tiny_model_dir, max_resident_adapters=2, default_temperature=0.0)
+    first = LiveServer(settings).start()
+    try:
+        publisher = make_admin(first)
+        for name, archive in (
+            ("alpha", archives["one"]),
+            ("beta", archives["two"]),
+            ("gamma", archives["four"]),
+        ):
+            assert publisher.upload(name, archive).status_code == 201
+        assert publisher.set_default("gamma").status_code == 200
+    finally:
+        first.stop()
+
+    second = LiveServer(settings).start()  # same database and adapter store, a new process's engine
+    try:
+        engine = second.services.engine
+        catalog = second.services.catalog
+        keys = {name: catalog.ref(catalog.resolve(name)).key for name in ("alpha", "beta", "gamma")}  # type: ignore[arg-type]
+        deadline = time.monotonic() + 60
+        while len(engine.adapters.resident) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # a third would have come by now
+        resident = set(engine.adapters.resident)
+        assert resident == {keys["gamma"], keys["alpha"]}, "the default, then by name; two free slots only"
+        assert engine.adapters.evictions == 0, "a preload never unloads anything"
+        loads = engine.adapters.loads
+
+        admin = make_admin(second)
+        client = openai.OpenAI(base_url=f"{second.url}/v1", api_key=admin.key, max_retries=0)
+        assert ask(client, "gamma")
+        assert engine.adapters.loads == loads, "its first request found it loaded"
+    finally:
+        second.stop()
