@@ -361,6 +361,10 @@ class GenerationEngine:
         files = await asyncio.to_thread(read_adapter, ref, self.model.device)
         return await self.call(lambda: self.adapters.preload(ref, files))
 
+    async def resident_adapters(self) -> frozenset[str]:
+        """The adapters loaded on this engine's device now (asked of the worker thread, which owns them)."""
+        return await self.call(lambda: frozenset(self.adapters.resident))
+
     async def remove_adapter(self, key: str) -> None:
         """Unload an adapter version (at once if idle, else when the requests using it end)."""
         await self.call(lambda: self.adapters.remove(key))

@@ -29,6 +29,7 @@ from app.deps import AdminApiUser, AdminSession, DbDep, ServicesDep
 from app.models import Adapter, AdapterVersion, ApiKey, User
 from app.registry import service
 from app.registry.archive import AdapterRejected
+from app.registry.catalog import content_key
 from app.registry.intake import publish_archive
 from app.routes.html import notice, render, sentence
 from app.services import Services
@@ -155,12 +156,15 @@ async def restrict(
     return stored
 
 
-def version_json(adapter: Adapter, v: AdapterVersion) -> dict[str, Any]:
+def version_json(adapter: Adapter, v: AdapterVersion, resident: frozenset[str]) -> dict[str, Any]:
     return {
         "name": adapter.name,
         "version": v.version,
         "active": adapter.active_version == v.version,
         "default": adapter.is_default and adapter.active_version == v.version,
+        # On this server's GPU now (each server process has its own engine); resident adapters are
+        # keyed by content, so versions with the same files are loaded together.
+        "loaded": content_key(v.sha256) in resident,
         "status": v.status.value,
         "status_reason": v.status_reason,
         "base_model": v.base_model,
@@ -180,14 +184,14 @@ def version_json(adapter: Adapter, v: AdapterVersion) -> dict[str, Any]:
     }
 
 
-def adapters_json(adapters: list[Adapter]) -> list[dict[str, Any]]:
+def adapters_json(adapters: list[Adapter], resident: frozenset[str]) -> list[dict[str, Any]]:
     return [
         {
             "name": a.name,
             "active_version": a.active_version,
             "default": a.is_default,
             "groups": a.allowed_groups,
-            "versions": [version_json(a, v) for v in a.versions],
+            "versions": [version_json(a, v, resident) for v in a.versions],
         }
         for a in adapters
     ]
@@ -202,9 +206,11 @@ async def _adapters_page(request: Request, services: Services, db: AsyncSession,
     adapters = list(await service.list_adapters(db))
     # Offered when typing an adapter's groups: those people signed in with so far.
     known_groups = sorted({group for user in await auth.list_users(db) for group in user.groups})
+    resident = await services.engine.resident_adapters()
+    loaded = {(a.name, v.version) for a in adapters for v in a.versions if content_key(v.sha256) in resident}
     return render(
         request, services, template, session=session, adapters=adapters, ready=services.catalog.ready_names(),
-        default=services.catalog.default, known_groups=known_groups, status_code=status_code,
+        default=services.catalog.default, known_groups=known_groups, loaded=loaded, status_code=status_code,
     )  # fmt: skip
 
 
@@ -441,9 +447,10 @@ def _api_error(error: AdapterRejected | service.RegistryError) -> JSONResponse:
 
 
 @api.get("/adapters")
-async def list_adapters_api(db: DbDep, _admin: AdminApiUser) -> list[dict[str, Any]]:
-    """Every adapter with all its versions and what was checked about them."""
-    return adapters_json(list(await service.list_adapters(db)))
+async def list_adapters_api(services: ServicesDep, db: DbDep, _admin: AdminApiUser) -> list[dict[str, Any]]:
+    """Every adapter with all its versions, what was checked about them, and whether each is
+    loaded on this server's GPU now."""
+    return adapters_json(list(await service.list_adapters(db)), await services.engine.resident_adapters())
 
 
 @api.post(
@@ -461,7 +468,7 @@ async def upload_api(
     except (AdapterRejected, service.RegistryError) as error:
         return _api_error(error)
     adapter = await service.get_adapter(db, name)
-    return version_json(adapter, version)
+    return version_json(adapter, version, await services.engine.resident_adapters())
 
 
 @api.post("/adapters/{name}/versions/{version}/{action}", responses={404: {}, 409: {}})

@@ -23,8 +23,10 @@ from tests.conftest import (
     LiveServer,
     build_adapter,
     create_api_key,
+    create_user,
     make_admin,
     make_settings,
+    sign_in,
     wait_for_message,
     zip_directory,
 )
@@ -343,6 +345,18 @@ def test_a_server_starting_on_a_registry_preloads_its_adapters_into_free_slots(
         loads = engine.adapters.loads
 
         admin = make_admin(second)
+        listed = httpx.get(f"{second.url}/api/admin/adapters", headers=admin.headers).json()
+        assert {a["name"]: a["versions"][0]["loaded"] for a in listed} == {
+            "alpha": True,
+            "beta": False,
+            "gamma": True,
+        }
+        create_user(settings, "page-admin@example.com", admin=True)
+        member = sign_in(second, "page-admin@example.com")
+        try:
+            assert member.get("/admin/adapters").text.count(">loaded</span>") == 2
+        finally:
+            member.client.close()
         client = openai.OpenAI(base_url=f"{second.url}/v1", api_key=admin.key, max_retries=0)
         assert ask(client, "gamma")
         assert engine.adapters.loads == loads, "its first request found it loaded"
