@@ -86,26 +86,16 @@ def _insert(db: AsyncSession, table: Any) -> Any:
     return dialect.insert(table)
 
 
-async def count_in_window(db: AsyncSession, subject: str, minute: int) -> None:
-    """Count one event in `subject`'s window for `minute`, with no bound (failed sign-ins)."""
-    insert = _insert(db, RateWindow)
-    await db.execute(
-        insert.values(subject=subject, minute=minute, requests=1).on_conflict_do_update(
-            index_elements=[RateWindow.subject, RateWindow.minute],
-            set_={"requests": RateWindow.requests + 1},
-        )
-    )
-
-
-async def _take_from_window(db: AsyncSession, subject: str, minute: int, limit: int) -> bool:
-    """Count one request in `subject`'s window if it is under `limit`; False when it is full."""
+async def take_from_window(db: AsyncSession, subject: str, minute: int, limit: int | None = None) -> bool:
+    """Count one event in `subject`'s window for `minute` if it is under `limit` (None: always, as
+    for failed sign-ins, app/auth/throttle.py); False when the window is full."""
     insert = _insert(db, RateWindow)
     statement = (
         insert.values(subject=subject, minute=minute, requests=1)
         .on_conflict_do_update(
             index_elements=[RateWindow.subject, RateWindow.minute],
             set_={"requests": RateWindow.requests + 1},
-            where=RateWindow.requests < limit,
+            where=None if limit is None else RateWindow.requests < limit,
         )
         .returning(RateWindow.requests)
     )
@@ -211,7 +201,7 @@ async def _admit(
 ) -> None:
     try:
         for subject, limit, which in windows:
-            if not await _take_from_window(db, subject, minute, limit):
+            if not await take_from_window(db, subject, minute, limit):
                 raise LimitReached(
                     f"too many requests: {which}; try again in {_wait(next_minute_s)}",
                     retry_after_s=next_minute_s,

@@ -7,6 +7,8 @@ sharing one database would have; requests from both race for the same minute's w
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -21,6 +23,17 @@ from app.usage import LimitDefaults, LimitReached, admit, record_tokens, tokens_
 
 # Mid-minute, so a test's requests all fall into one window however long it takes.
 NOON = datetime(2026, 11, 28, 12, 0, 30, tzinfo=UTC)
+
+
+@contextlib.asynccontextmanager
+async def two_processes(url: str) -> AsyncIterator[list[async_sessionmaker[AsyncSession]]]:
+    """Session makers of two "server processes" on one database, each with its own connections."""
+    engines = [create_engine(url), create_engine(url)]
+    try:
+        yield [create_sessionmaker(engine) for engine in engines]
+    finally:
+        for engine in engines:
+            await engine.dispose()
 
 
 async def _user(db: AsyncSession, email: str, **limits: int | None) -> User:
@@ -57,9 +70,7 @@ def test_processes_sharing_the_database_admit_exactly_the_limit(database_url: st
     upgrade_database(url)
 
     async def run() -> None:
-        engines = [create_engine(url), create_engine(url)]
-        makers = [create_sessionmaker(engine) for engine in engines]
-        try:
+        async with two_processes(url) as makers:
             async with makers[0]() as db:
                 limited = await _user(db, "limited@example.com")
                 by_key = await _user(db, "keys@example.com")
@@ -95,9 +106,6 @@ def test_processes_sharing_the_database_admit_exactly_the_limit(database_url: st
                 )}  # fmt: skip
             assert report["limited@example.com"].requests_today == 10
             assert report["keys@example.com"].requests_today == 5
-        finally:
-            for engine in engines:
-                await engine.dispose()
 
     asyncio.run(run())
 
@@ -107,9 +115,7 @@ def test_daily_token_quota_counts_tokens_from_every_process(database_url: str) -
     upgrade_database(url)
 
     async def run() -> None:
-        engines = [create_engine(url), create_engine(url)]
-        makers = [create_sessionmaker(engine) for engine in engines]
-        try:
+        async with two_processes(url) as makers:
             async with makers[0]() as db:
                 user = await _user(db, "quota@example.com", daily_token_quota=100)
                 unlimited = await _user(db, "free@example.com", daily_token_quota=0)
@@ -147,9 +153,6 @@ def test_daily_token_quota_counts_tokens_from_every_process(database_url: str) -
             assert (mine.limits.daily_tokens, mine.limits.daily_tokens_overridden) == (100, True)
             assert (theirs.requests_period, theirs.tokens_period) == (3, 1500)
             assert theirs.limits.daily_tokens == 0 and theirs.last_active == NOON
-        finally:
-            for engine in engines:
-                await engine.dispose()
 
     asyncio.run(run())
 
@@ -163,9 +166,7 @@ def test_requests_either_side_of_a_minute_boundary_race_safely_and_old_windows_g
     upgrade_database(url)
 
     async def run() -> None:
-        engines = [create_engine(url), create_engine(url)]
-        makers = [create_sessionmaker(engine) for engine in engines]
-        try:
+        async with two_processes(url) as makers:
             async with makers[0]() as db:
                 user = await _user(db, "busy@example.com", rate_limit_per_minute=1000)
                 _, key = await auth.create_api_key(db, user=user, secret=b"s" * 32)
@@ -196,8 +197,5 @@ def test_requests_either_side_of_a_minute_boundary_race_safely_and_old_windows_g
             expected = [(subject, minute, 20) for subject in (f"key:{key.id}", f"user:{user.id}")]
             expected += [(subject, minute + 1, 1) for subject in (f"key:{key.id}", f"user:{user.id}")]
             assert sorted(rows) == sorted(expected)
-        finally:
-            for engine in engines:
-                await engine.dispose()
 
     asyncio.run(run())

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import math
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.service import keyed_hash
 from app.models import RateWindow, utcnow
-from app.usage import count_in_window
+from app.usage import take_from_window
 
 WINDOW_MINUTES = 15
 ADDRESS_FACTOR = 10  # an address may fail this many times the per-account bound, over all emails
@@ -78,18 +78,7 @@ async def count_failed_sign_in(db: AsyncSession, *, secret: bytes, email: str, a
     now = _minute()
     subjects = _subjects(secret, email, address)
     for subject in subjects:
-        await count_in_window(db, subject, now)
+        await take_from_window(db, subject, now)
     await db.execute(
         delete(RateWindow).where(RateWindow.subject.in_(subjects), RateWindow.minute <= now - WINDOW_MINUTES)
     )
-
-
-async def failures_counted(db: AsyncSession, *, secret: bytes, email: str, address: str) -> int:
-    """Failures counted for this email from this address in the window (for the tests and logs)."""
-    subject = _subjects(secret, email, address)[0]
-    total = await db.scalar(
-        select(func.coalesce(func.sum(RateWindow.requests), 0)).where(
-            RateWindow.subject == subject, RateWindow.minute > _minute() - WINDOW_MINUTES
-        )
-    )
-    return int(total or 0)

@@ -86,16 +86,24 @@ class Record(EngineMetrics):
         self.events.append(("step", batch_size))
 
 
+@pytest.mark.parametrize("dequantized", [False, True], ids=["4-bit", "dequantized-copy"])
 async def test_batched_mixed_adapters_give_the_plain_recipes_greedy_text(
-    tiny_model_dir: Path, adapters: dict[str, AdapterRef]
+    tiny_model_dir: Path, adapters: dict[str, AdapterRef], dequantized: bool
 ) -> None:
+    """Also with KEEP_DEQUANTIZED_WEIGHTS (app/llm/dequantized.py): prefill and batched steps read
+    the copy, one-row steps the 4-bit weights, and the text stays the plain recipe's."""
     cases = [(q, [None, "finance", "hr"][i % 3]) for i, q in enumerate(QUESTIONS)]
     expected = plain_recipe(tiny_model_dir, adapters, cases, tokens=24)
     assert len(set(expected)) > 3, "the adapters and the base answer differently"
 
     model = load_model(ModelSpec(str(tiny_model_dir), device="cpu"))
     record = Record()
-    engine = GenerationEngine(model, max_running=8, max_adapters=4, prefill_chunk=24, metrics=record)
+    engine = GenerationEngine(
+        model, max_running=8, max_adapters=4, prefill_chunk=24, keep_dequantized_weights=dequantized,
+        metrics=record,
+    )  # fmt: skip
+    four_bit = [m for m in model.model.modules() if type(m).__name__ == "Linear4bit"]
+    assert four_bit and {hasattr(m, "dequantized_weight") for m in four_bit} == {dequantized}
     engine.start()
     try:
 

@@ -1,13 +1,12 @@
 """KEEP_DEQUANTIZED_WEIGHTS: a dequantized copy of the 4-bit weights for passes of several tokens.
 
 On the real tiny NF4 model: the copy is what bitsandbytes dequantizes, passes of two tokens or
-more read it and one-token steps do not, and the engine with it still gives the plain recipe's
-greedy text over mixed adapters.
+more read it and one-token steps do not, and without the memory for it nothing is copied. The
+engine with it gives the plain recipe's greedy text: tests/llm/test_batching.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -15,13 +14,9 @@ import pytest
 import torch
 from bitsandbytes import functional as F
 
-from app.llm.adapters import AdapterRef
 from app.llm.dequantized import RESERVE_BYTES, keep_dequantized
-from app.llm.engine import GenerationEngine, GenerationRequest, SamplingParams
 from app.llm.loader import ModelLoadError, ModelSpec, load_model
-from tests.llm.test_batching import QUESTIONS, Record, adapters, plain_recipe, prompt
-
-__all__ = ["adapters"]  # the module-scoped fixture, shared with test_batching
+from tests.llm.test_batching import QUESTIONS, prompt
 
 
 def four_bit_layers(model: torch.nn.Module) -> list[bnb.nn.Linear4bit]:
@@ -51,37 +46,6 @@ def test_the_copy_is_bitsandbytes_dequantized_weight_and_only_passes_of_several_
         assert not torch.allclose(model(ids).logits, before)
         assert torch.equal(model(one_token).logits, single_before)
     assert keep_dequantized(model, model.dtype) == 0, "layers that have a copy keep it"
-
-
-async def test_the_engine_with_the_copy_gives_the_plain_recipes_greedy_text(
-    tiny_model_dir: Path, adapters: dict[str, AdapterRef]
-) -> None:
-    cases = [(q, [None, "finance", "hr"][i % 3]) for i, q in enumerate(QUESTIONS)]
-    expected = plain_recipe(tiny_model_dir, adapters, cases, tokens=16)
-
-    model = load_model(ModelSpec(str(tiny_model_dir), device="cpu"))
-    record = Record()
-    engine = GenerationEngine(
-        model, max_running=8, max_adapters=4, keep_dequantized_weights=True, metrics=record
-    )
-    assert all(hasattr(layer, "dequantized_weight") for layer in four_bit_layers(model.model))
-    engine.start()
-    try:
-
-        async def ask(question: str, adapter: str | None) -> str:
-            ref = adapters[adapter] if adapter else None
-            request = GenerationRequest(
-                prompt(model, question), SamplingParams(16, temperature=0), adapter=ref
-            )
-            text, result = await engine.submit(request).collect()
-            assert result.finish_reason in ("length", "stop"), result
-            return text
-
-        together = await asyncio.gather(*(ask(q, a) for q, a in cases))
-    finally:
-        engine.shutdown()
-    assert together == expected
-    assert max(size for kind, size in record.events if kind == "step") >= 4, "they decoded together"
 
 
 def test_without_the_memory_for_the_copy_it_refuses_before_copying_anything(tiny_model_dir: Path) -> None:
