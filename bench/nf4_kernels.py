@@ -8,6 +8,9 @@ in one CUDA graph and replayed, as the server runs a step:
 - bnb:          `Linear4bit.forward`, bitsandbytes' own choice of kernel per shape and row count
 - dequantized:  the weights dequantized once to bf16 (app/llm/dequantized.py,
                 KEEP_DEQUANTIZED_WEIGHTS), then cuBLAS alone
+- nf4_gemv:     one row only: the Triton kernel with byte-permute lookups (app/llm/triton_nf4.py)
+                that the server uses for one-token passes; `--sweep` times its tile configurations
+                per shape
 
 Tried and dropped, measured with earlier versions of this script on an H200 (docs/benchmarks.md):
 a Triton kernel with the NF4 lookup in registers (commit 1370869, results
@@ -17,7 +20,7 @@ than bitsandbytes.
 
 Values are checked against bitsandbytes' dequantized weight times the input in fp32.
 
-    GPU:  python3 bench/nf4_kernels.py [--rows 1,4,8,32,64]
+    GPU:  python3 bench/nf4_kernels.py [--rows 1,4,8,32,64] [--sweep]
 """
 
 from __future__ import annotations
@@ -59,11 +62,14 @@ def layers_of(k: int, n: int, count: int) -> list[torch.nn.Module]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="1,4,8,32,64")
+    parser.add_argument("--sweep", action="store_true", help="time nf4_gemv's tile configurations")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     from bitsandbytes import functional as F
+
+    from app.llm import triton_nf4
 
     torch.manual_seed(0)
     layers = {(k, n): layers_of(k, n, LAYERS) for k, n in SHAPES}
@@ -77,7 +83,8 @@ def main() -> int:
             for shape, g in layers.items()
         }
     results: dict[str, object] = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    ways = ["bnb", "dequantized"]
+    ways = ["bnb", "dequantized", "nf4_gemv"]
+    gemv_weights = {shape: [triton_nf4.Nf4Weight.of(m) for m in g] for shape, g in layers.items()}
     model_ms: dict[str, dict[int, float]] = {way: {} for way in ways}
     for rows in [int(r) for r in args.rows.split(",")]:
         totals = dict.fromkeys(ways, 0.0)
@@ -90,6 +97,10 @@ def main() -> int:
                 "bnb": lambda x=x, g=group: [type(m).forward(m, x) for m in g],
                 "dequantized": lambda x=x, ws=bf16[(k, n)]: [torch.nn.functional.linear(x, w) for w in ws],
             }
+            if rows == 1:
+                fns["nf4_gemv"] = lambda x=x, ws=gemv_weights[(k, n)]: [triton_nf4.nf4_gemv(x, w) for w in ws]
+                if args.sweep:
+                    line["sweep"] = sweep(x, gemv_weights[(k, n)], reference, scale)
             per_layer: dict[str, float] = {}
             for way, fn in fns.items():
                 with torch.no_grad():
@@ -99,11 +110,14 @@ def main() -> int:
                 per_layer[way] = seconds / LAYERS
                 line[f"{way}_us"] = round(seconds / LAYERS * 1e6, 1)
                 line[f"{way}_max_diff"] = round(float((got - reference).abs().max()) / scale, 5)
-            line["bnb_gb_per_s"] = round(n * k / 2 / per_layer["bnb"] / 1e9)  # of 4-bit weights
+            for way in ("bnb", "nf4_gemv"):
+                if way in per_layer:  # GB/s of 4-bit weights
+                    line[f"{way}_gb_per_s"] = round(n * k / 2 / per_layer[way] / 1e9)
             print(json.dumps(line), flush=True)
             results[f"rows{rows}_{n}x{k}"] = line
         for way, seconds in totals.items():
-            model_ms[way][rows] = round(seconds * 1e3, 3)
+            if seconds:
+                model_ms[way][rows] = round(seconds * 1e3, 3)
         print(
             json.dumps({"rows": rows, "model_ms": {w: round(s * 1e3, 3) for w, s in totals.items()}}),
             flush=True,
@@ -115,8 +129,39 @@ def main() -> int:
     print("\nms per step, 32 layers x 4 shapes")
     print(f"{'rows':>5} | " + " | ".join(f"{way:>12}" for way in ways))
     for rows in model_ms["bnb"]:
-        print(f"{rows:>5} | " + " | ".join(f"{model_ms[way][rows]:>12.3f}" for way in ways))
+        print(f"{rows:>5} | " + " | ".join(f"{model_ms[way].get(rows, float('nan')):>12.3f}" for way in ways))
     return 0
+
+
+def sweep(x: torch.Tensor, weights: list, reference: torch.Tensor, scale: float) -> list[dict[str, object]]:
+    """nf4_gemv's tile configurations on one shape's layers, fastest first (the top 5)."""
+    import itertools
+
+    from app.llm import triton_nf4
+
+    timed = []
+    configs = [
+        triton_nf4.Config(block_n, groups, warps)
+        for block_n, groups, warps in itertools.product((4, 8, 16, 32), (4, 8, 16, 32), (2, 4, 8))
+    ]
+    for config in configs:
+        try:
+            with torch.no_grad():
+                got = triton_nf4.nf4_gemv(x, weights[0], config).float()
+                seconds = time_graph(
+                    lambda c=config: [triton_nf4.nf4_gemv(x, w, c) for w in weights], replays=20
+                )
+        except Exception as error:  # a configuration the compiler refuses
+            print(json.dumps({"config": str(config), "error": repr(error)[:300]}), flush=True)
+            continue
+        timed.append(
+            {
+                "us": round(seconds / len(weights) * 1e6, 1),
+                "config": str(config),
+                "max_diff": round(float((got - reference).abs().max()) / scale, 5),
+            }
+        )
+    return sorted(timed, key=lambda t: t["us"])[:5]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,335 @@
+"""One-row matmuls over bitsandbytes' NF4 weights, for decoding one stream near the memory bandwidth.
+
+A one-stream decoding step reads every weight once, so its 4-bit matmuls set its floor. On an H200,
+bitsandbytes' one-row kernel moves about 0.94 TB/s of the card's 4.8: 3.6 ms of Falcon-7B's 6.6 ms
+step with an adapter (bench/nf4_kernels.py, docs/benchmarks.md). An earlier Triton kernel that
+looked each 4-bit code up one at a time (a gather per weight) ran at half bitsandbytes' speed: it
+was bound by instructions, not memory.
+
+This kernel looks the codes up four at a time with byte permutes (PTX `prmt`), as the fast CUDA
+kernels for lookup-table formats do. NF4's 16 values, as bf16, are 32 bytes: their low bytes in four
+registers and their high bytes in four more. One `prmt` picks four low bytes among eight by the low
+three bits of four codes, a second picks among the other eight, a third chooses per byte by each
+code's top bit; the same for the high bytes; two more interleave them into two bf16 pairs. Eight
+weights cost 16 permutes and a few bit operations, then eight fp32 multiply-adds against the input.
+The weights and their block scales are read as bitsandbytes stores them (nothing is copied or
+converted at load): int32 words of eight codes (the even element in each byte's high nibble),
+blocks of 64 weights with one scale each, the scales double-quantized (`absmax = code2[q] *
+absmax2[block // 256] + offset`, computed here per block).
+
+Arithmetic: each block's products `code * x` are summed in fp32, then multiplied by the block's
+scale. bitsandbytes' one-row kernel also uses the codes rounded to bf16, but rounds each weight and
+each product to bf16 before adding, so the two agree to bf16 rounding, not bit for bit; greedy text
+can differ where two tokens' logits are that close.
+
+Only CUDA builds of PyTorch ship Triton; `enable` gives the model's NF4 layers this kernel for
+one-token passes on a CUDA device and leaves every other pass (and every other layout) to
+bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+BLOCK = 64  # weights per block scale: the only block size this kernel takes (bitsandbytes' default)
+NESTED_BLOCK = 256  # block scales per second-level scale (double quantization)
+
+
+@dataclass(frozen=True)
+class Config:
+    block_n: int = 8  # weight rows per program
+    groups: int = 16  # 64-weight blocks per row per iteration
+    warps: int = 4
+
+
+CONFIG = Config()
+
+
+@dataclass
+class Nf4Weight:
+    """One layer's NF4 weight as bitsandbytes stores it, in the form the kernel reads."""
+
+    words: torch.Tensor  # int32 [N * K / 8]: the packed codes, eight per word
+    absmax: torch.Tensor  # uint8 [N * K / 64]: quantized block scales
+    absmax2: torch.Tensor  # fp32: one per NESTED_BLOCK block scales
+    code2: torch.Tensor  # fp32 [256]: the block scales' code
+    offset: float
+    asm: str  # the lookup, with this weight's 16 code values in it
+    table: torch.Tensor  # int32 [4]: the table registers passed to it (see lookup_asm)
+    n: int
+    k: int
+
+    @classmethod
+    def of(cls, layer: Any) -> Nf4Weight | None:  # a bitsandbytes Linear4bit
+        """The layer's weight, or None when it is not NF4 in the layout the kernel reads."""
+        state = getattr(layer.weight, "quant_state", None)
+        if (
+            state is None
+            or state.quant_type != "nf4"
+            or state.blocksize != BLOCK
+            or not state.nested
+            or state.state2.blocksize != NESTED_BLOCK
+            or len(state.shape) != 2
+            or state.shape[1] % BLOCK
+            or layer.weight.dtype != torch.uint8
+            or state.code.numel() != 16
+        ):
+            return None
+        n, k = state.shape
+        code_bits = tuple(state.code.to(torch.bfloat16).view(torch.int16).tolist())
+        return cls(
+            words=layer.weight.data.reshape(-1).view(torch.int32),
+            absmax=state.absmax,
+            absmax2=state.state2.absmax.float(),
+            code2=state.state2.code.float(),
+            offset=float(state.offset),
+            asm=lookup_asm(code_bits),
+            table=_table_registers(code_bits, layer.weight.device),
+            n=n,
+            k=k,
+        )
+
+
+def _table_registers(code_bits: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    low, high = table_words(code_bits)
+    words = [low[0], low[2], high[0], high[2]]
+    return torch.tensor(words, dtype=torch.int64, device="cpu").to(torch.int32).to(device)
+
+
+def table_words(code_bits: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    """The 16 bf16 code values as eight registers: their low bytes (codes 0-3, 4-7, 8-11, 12-15),
+    then their high bytes."""
+    bits = [b & 0xFFFF for b in code_bits]
+    low = [sum((bits[4 * r + i] & 0xFF) << (8 * i) for i in range(4)) for r in range(4)]
+    high = [sum((bits[4 * r + i] >> 8) << (8 * i) for i in range(4)) for r in range(4)]
+    return low, high
+
+
+@functools.cache
+def lookup_asm(code_bits: tuple[int, ...]) -> str:
+    """PTX for one packed word: $0 = sum over its 8 weights of code[nibble] * x, in fp32 bits.
+
+    $1 is the word (byte b holds weight 2b in its high nibble, 2b+1 in its low one); $2..$9 are the
+    eight inputs it multiplies, in fp32; $10..$13 are table registers 0, 2, 4 and 6 (`table_words`),
+    passed in so that they stay in registers across the loop; the other four are immediates.
+    """
+    low, high = table_words(code_bits)
+    table = "".join(
+        f"mov.b32 t{i}, {word:#010x};\n" for i, word in ((1, low[1]), (3, low[3]), (5, high[1]), (7, high[3]))
+    )
+
+    def half(codes: str, select: str, x: list[str], first: bool) -> str:
+        # Four codes, as prmt selectors (the low 3 bits of each): nibble 0 is weight 1, nibble 1
+        # weight 0, ...; `select` picks per byte between the two halves of the table (a code's top
+        # bit). clo/chi get the four values' low/high bytes; then bf16 pairs; then fp32.
+        start = f"mul.rn.f32 cacc, cf, {x[0]};" if first else f"fma.rn.f32 cacc, cf, {x[0]}, cacc;"
+        return f"""
+prmt.b32 ca, $10, t1, {codes};
+prmt.b32 cb, $11, t3, {codes};
+prmt.b32 clo, ca, cb, {select};
+prmt.b32 ca, $12, t5, {codes};
+prmt.b32 cb, $13, t7, {codes};
+prmt.b32 chi, ca, cb, {select};
+prmt.b32 cp, clo, chi, 0x4051;
+shl.b32 cf, cp, 16;
+{start}
+and.b32 cf, cp, 0xffff0000;
+fma.rn.f32 cacc, cf, {x[1]}, cacc;
+prmt.b32 cp, clo, chi, 0x6273;
+shl.b32 cf, cp, 16;
+fma.rn.f32 cacc, cf, {x[2]}, cacc;
+and.b32 cf, cp, 0xffff0000;
+fma.rn.f32 cacc, cf, {x[3]}, cacc;
+"""
+
+    return (
+        "{\n.reg .b32 t1, t3, t5, t7, cs, csel, cs2, csel2, ca, cb, clo, chi, cp, cf, cacc;\n"
+        + table
+        # selectors for all eight codes at once: low 3 bits of each nibble; byte i + 4 * top bit
+        + "and.b32 cs, $1, 0x77777777;\n"
+        + "shr.u32 csel, $1, 1;\n"
+        + "and.b32 csel, csel, 0x44444444;\n"
+        + "or.b32 csel, csel, 0x32103210;\n"
+        + "shr.u32 cs2, cs, 16;\n"
+        + "shr.u32 csel2, csel, 16;\n"
+        + half("cs", "csel", ["$2", "$3", "$4", "$5"], first=True)
+        + half("cs2", "csel2", ["$6", "$7", "$8", "$9"], first=False)
+        + "mov.b32 $0, cacc;\n}"
+    )
+
+
+@triton.jit
+def _tile(w_ptrs, x_ptrs, q_ptrs, absmax2_ptr, b0, n, WORDS: tl.constexpr, BLOCKS: tl.constexpr,
+          TILE: tl.constexpr, GROUPS: tl.constexpr):  # fmt: skip
+    # The loads of the tile starting at block b0: packed words [TILE, rows], the input as int32
+    # words of two bf16 [TILE, 4] (weight word c multiplies input words 4c..4c+3), and the
+    # blocks' quantized scales and second-level scales [GROUPS, rows]. Past the row: zeros.
+    word_ok = (b0 * 8 + tl.arange(0, TILE)) < WORDS
+    w = tl.load(w_ptrs + b0 * 8, mask=word_ok[:, None], other=0)
+    xw = tl.load(x_ptrs + b0 * 32, mask=word_ok[:, None], other=0)
+    blk = b0 + tl.arange(0, GROUPS)
+    blk_ok = (blk < BLOCKS)[:, None]
+    q = tl.load(q_ptrs + b0, mask=blk_ok, other=0)
+    a2 = tl.load(absmax2_ptr + (blk[:, None] + n[None, :] * BLOCKS) // 256, mask=blk_ok, other=0.0)
+    return w, xw, q, a2
+
+
+@triton.jit
+def _nf4_gemv(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, table_ptr, out_ptr, n_out, offset, zero,
+             K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    # out[n] = sum over k of x[k] * code[w[n, k]] * scale[n, k // 64]
+    WORDS: tl.constexpr = K // 8  # packed words per weight row
+    BLOCKS: tl.constexpr = K // 64  # block scales per weight row
+    TILE: tl.constexpr = GROUPS * 8  # words per row per iteration
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < n_out
+    n = tl.where(n_ok, n, 0)  # rows past the end read row 0 and are not stored
+    acc = tl.zeros([TILE, BLOCK_N], dtype=tl.float32)
+    # Loaded at addresses that differ per thread on paper (`zero` is 0): as constants, or as
+    # values the compiler can see are the same in every thread, they live in uniform registers
+    # and are copied to ordinary ones before every use, a quarter more instructions per word.
+    spread = (tl.arange(0, TILE) * zero)[:, None]
+    t0 = tl.load(table_ptr + spread)
+    t2 = tl.load(table_ptr + 1 + spread)
+    t4 = tl.load(table_ptr + 2 + spread)
+    t6 = tl.load(table_ptr + 3 + spread)
+    # Tiles are [words, rows]: a thread's rows share its words' inputs, unpacked once. Each
+    # iteration issues the next tile's loads before computing its own, so the memory latency
+    # overlaps the arithmetic.
+    w_ptrs = w_ptr + tl.arange(0, TILE)[:, None] + n[None, :] * WORDS
+    x_ptrs = x_ptr + 4 * tl.arange(0, TILE)[:, None] + tl.arange(0, 4)[None, :]
+    q_ptrs = absmax_ptr + tl.arange(0, GROUPS)[:, None] + n[None, :] * BLOCKS
+    w_next, xw_next, q_next, a2_next = _tile(
+        w_ptrs, x_ptrs, q_ptrs, absmax2_ptr, 0, n, WORDS, BLOCKS, TILE, GROUPS
+    )
+    for b0 in range(0, BLOCKS, GROUPS):
+        w, xw, q, a2 = w_next, xw_next, q_next, a2_next
+        w_next, xw_next, q_next, a2_next = _tile(
+            w_ptrs, x_ptrs, q_ptrs, absmax2_ptr, b0 + GROUPS, n, WORDS, BLOCKS, TILE, GROUPS
+        )
+        xa, xb = tl.split(tl.reshape(xw, [TILE, 2, 2]))
+        x01, x45 = tl.split(xa)
+        x23, x67 = tl.split(xb)
+        x0 = (x01 << 16).to(tl.float32, bitcast=True)[:, None]  # bf16 -> fp32: the high half
+        x1 = (x01 & -65536).to(tl.float32, bitcast=True)[:, None]
+        x2 = (x23 << 16).to(tl.float32, bitcast=True)[:, None]
+        x3 = (x23 & -65536).to(tl.float32, bitcast=True)[:, None]
+        x4 = (x45 << 16).to(tl.float32, bitcast=True)[:, None]
+        x5 = (x45 & -65536).to(tl.float32, bitcast=True)[:, None]
+        x6 = (x67 << 16).to(tl.float32, bitcast=True)[:, None]
+        x7 = (x67 & -65536).to(tl.float32, bitcast=True)[:, None]
+        shape: tl.constexpr = [TILE, BLOCK_N]
+        part = tl.inline_asm_elementwise(
+            ASM,
+            "=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            [
+                w,
+                tl.broadcast_to(x0, shape),
+                tl.broadcast_to(x1, shape),
+                tl.broadcast_to(x2, shape),
+                tl.broadcast_to(x3, shape),
+                tl.broadcast_to(x4, shape),
+                tl.broadcast_to(x5, shape),
+                tl.broadcast_to(x6, shape),
+                tl.broadcast_to(x7, shape),
+                tl.broadcast_to(t0, shape),
+                tl.broadcast_to(t2, shape),
+                tl.broadcast_to(t4, shape),
+                tl.broadcast_to(t6, shape),
+            ],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        ).to(tl.float32, bitcast=True)
+        scale = tl.load(code2_ptr + q.to(tl.int32)) * a2 + offset
+        # each block's scale, for its 8 words
+        acc += part * tl.reshape(tl.broadcast_to(scale[:, None, :], [GROUPS, 8, BLOCK_N]), shape)
+    tl.store(out_ptr + n, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def nf4_gemv(x: torch.Tensor, weight: Nf4Weight, config: Config = CONFIG) -> torch.Tensor:
+    """x [..., K] with one row (bf16) times the NF4 weight's transpose: [..., N] in x's dtype."""
+    x1 = x.reshape(weight.k)
+    if x1.dtype != torch.bfloat16:
+        raise TypeError(f"nf4_gemv takes bf16 input, not {x1.dtype}")
+    x1 = x1.contiguous()
+    out = torch.empty(weight.n, dtype=x.dtype, device=x.device)
+    grid = ((weight.n + config.block_n - 1) // config.block_n,)
+    _nf4_gemv[grid](
+        x1.view(torch.int32), weight.words, weight.absmax, weight.absmax2, weight.code2, weight.table, out,
+        weight.n, weight.offset, 0, K=weight.k, BLOCK_N=config.block_n, GROUPS=config.groups, ASM=weight.asm,
+        num_warps=config.warps,
+    )  # fmt: skip
+    return out.view(*x.shape[:-1], weight.n)
+
+
+def enable(model: nn.Module) -> int:
+    """Give the model's NF4 layers on a CUDA device this kernel for one-token passes; returns how
+    many layers took it. Other layers (FP4, other block sizes, the CPU) keep their own path.
+
+    The first layer is checked against bitsandbytes' dequantized weight before any is switched: a
+    GPU or Triton build where the kernel does not compile, or computes something else, keeps
+    bitsandbytes for every layer (and the caller logs it) rather than serving wrong text.
+    """
+    import bitsandbytes as bnb
+
+    layers: list[tuple[Any, Nf4Weight]] = []
+    module: Any
+    for module in model.modules():
+        if (
+            isinstance(module, bnb.nn.Linear4bit)
+            and module.weight.is_cuda
+            and not hasattr(module, "nf4_weight")
+        ):
+            weight = Nf4Weight.of(module)
+            if weight is not None:
+                layers.append((module, weight))
+    if not layers:
+        return 0
+    check(*layers[0])
+    for module, weight in layers:
+        module.nf4_weight = weight
+        module.forward = functools.partial(_forward, module, module.forward)
+    return len(layers)
+
+
+class KernelMismatch(RuntimeError):
+    pass
+
+
+def check(layer: Any, weight: Nf4Weight) -> None:
+    """Raise KernelMismatch unless the kernel gives `layer`'s product within bf16 rounding."""
+    from bitsandbytes import functional as F
+
+    with torch.no_grad():
+        generator = torch.Generator(device=weight.words.device).manual_seed(0)
+        x = torch.randn(1, weight.k, generator=generator, device=weight.words.device).to(torch.bfloat16)
+        dense = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        expected = x.float() @ dense.t()
+        got = nf4_gemv(x, weight).float()
+    error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-6))
+    if not error < 2e-2:  # bf16 output and codes: about 1e-2 at most
+        raise KernelMismatch(
+            f"the NF4 one-row kernel is off by {error:.3g} (relative) on a {weight.n}x{weight.k} layer"
+        )
+
+
+def _forward(layer: Any, previous: Any, x: torch.Tensor) -> torch.Tensor:
+    # One token in bf16 (a decoding step of one stream): this kernel; anything else, and the first
+    # call (bitsandbytes sets the layer up there), the path the layer had.
+    if (
+        x.numel() != x.shape[-1]
+        or x.dtype != torch.bfloat16
+        or not layer.compute_type_is_set
+        or layer.compute_dtype not in (None, torch.bfloat16)
+    ):
+        return previous(x)
+    out = nf4_gemv(x, layer.nf4_weight)
+    return out if layer.bias is None else out + layer.bias.to(out.dtype)

@@ -1,0 +1,87 @@
+"""The one-row NF4 kernel (app/llm/triton_nf4.py): bitsandbytes' product within bf16 rounding.
+
+CUDA only (Triton ships with PyTorch's CUDA builds): these run on the GPU machine, where tests/llm
+needs no web stack (docs/benchmarks.md, "GPU tests"). bench/nf4_kernels.py times it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on a CUDA GPU")
+
+
+def nf4_layer(k: int, n: int, seed: int) -> torch.nn.Module:
+    import bitsandbytes as bnb
+
+    torch.manual_seed(seed)
+    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(
+        torch.randn(n, k, dtype=torch.bfloat16) * 0.02,
+        requires_grad=False,
+        compress_statistics=True,  # double-quantized scales, as app/llm/loader.py loads models
+        quant_type="nf4",
+    )
+    return layer.cuda()
+
+
+@pytest.mark.parametrize("k,n", [(4544, 4672), (18176, 4544), (256, 96)])
+def test_the_kernel_gives_bitsandbytes_dequantized_product(k: int, n: int) -> None:
+    from bitsandbytes import functional as F
+
+    from app.llm.triton_nf4 import Config, Nf4Weight, nf4_gemv
+
+    layer = nf4_layer(k, n, seed=k + n)
+    weight = Nf4Weight.of(layer)
+    assert weight is not None
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    dense = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    expected = x.float() @ dense.t()
+    scale = expected.abs().max()
+    for config in (Config(), Config(block_n=4, groups=4, warps=2)):  # rows and blocks past the end
+        got = nf4_gemv(x, weight, config).float()
+        assert got.shape == (1, n)
+        assert float((got - expected).abs().max() / scale) < 1e-2  # bf16 output: about 4e-3
+
+
+def test_one_token_passes_take_the_kernel_and_longer_ones_keep_bitsandbytes(tiny_model_dir: Path) -> None:
+    from app.llm.loader import ModelSpec, load_model
+    from app.llm.triton_nf4 import enable
+
+    served = load_model(ModelSpec(str(tiny_model_dir), device="cuda"))
+    model = served.model
+    one = torch.tensor([[5]], device="cuda")
+    prompt = torch.tensor([[5, 17, 42, 99, 7]], device="cuda")
+    with torch.no_grad():
+        one_before, prompt_before = model(one).logits, model(prompt).logits
+        layers = enable(model)
+        assert layers == sum(1 for m in model.modules() if hasattr(m, "nf4_weight")) > 0
+        one_after, prompt_after = model(one).logits, model(prompt).logits
+        assert torch.equal(prompt_after, prompt_before), "passes of several tokens are bitsandbytes' own"
+        torch.testing.assert_close(one_after.float(), one_before.float(), rtol=3e-2, atol=3e-2)
+        assert one_after.argmax(-1).tolist() == one_before.argmax(-1).tolist()
+        # Spoil one layer's packed codes as the kernel reads them: one-token passes change.
+        layer = next(m for m in model.modules() if hasattr(m, "nf4_weight"))
+        layer.nf4_weight.words.bitwise_not_()
+        assert not torch.allclose(model(one).logits.float(), one_after.float(), atol=1e-3)
+        layer.nf4_weight.words.bitwise_not_()
+    assert enable(model) == 0, "layers that have the kernel keep it"
+
+
+def test_a_kernel_that_computes_something_else_is_not_switched_on(tiny_model_dir: Path) -> None:
+    from app.llm import triton_nf4
+    from app.llm.loader import ModelSpec, load_model
+
+    served = load_model(ModelSpec(str(tiny_model_dir), device="cuda"))
+    wrong = tuple(range(16))  # a lookup table that is not the layers' NF4 values
+    real = triton_nf4.lookup_asm
+    triton_nf4.lookup_asm = lambda code_bits: real(wrong)  # type: ignore[assignment]
+    try:
+        with pytest.raises(triton_nf4.KernelMismatch, match="off by"):
+            triton_nf4.enable(served.model)
+    finally:
+        triton_nf4.lookup_asm = real  # type: ignore[assignment]
+    assert not any(hasattr(m, "nf4_weight") for m in served.model.modules())
