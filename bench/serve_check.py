@@ -180,7 +180,7 @@ def engine_part(env: Env, refs: list[Any], spare: Any, cases: list[tuple[list[in
     engine = GenerationEngine(
         loaded, max_running=args.streams + 4, max_queued=64, max_adapters=len(refs) + 2,
         prefill_chunk=args.prefill_chunk, cuda_graphs=not args.no_graphs,
-        keep_dequantized_weights=args.dequantized, one_row_kernel=not args.bnb_one_row,
+        keep_dequantized_weights=args.dequantized, triton_kernels=not args.no_triton_kernels,
     )  # fmt: skip
     engine.start()
     by_key = {ref.key: ref for ref in refs}
@@ -365,7 +365,7 @@ def main() -> int:
         "--dequantized", action="store_true", help="the engine with KEEP_DEQUANTIZED_WEIGHTS=true"
     )
     parser.add_argument(
-        "--bnb-one-row", action="store_true", help="one-token steps with bitsandbytes' kernel, not nf4_gemv"
+        "--no-triton-kernels", action="store_true", help="without the one-row NF4 and rotary kernels"
     )
     parser.add_argument("--arrival-ms", type=float, default=50.0, help="spacing of the staggered load run")
     parser.add_argument("--skip-plain", action="store_true", help="only the engine (no equality check)")

@@ -258,7 +258,7 @@ class GenerationEngine:
         prefill_chunk: int = 8192,
         cuda_graphs: bool = True,
         keep_dequantized_weights: bool = False,
-        one_row_kernel: bool = True,
+        triton_kernels: bool = True,
         metrics: EngineMetrics | None = None,
     ) -> None:
         self.model = model
@@ -288,10 +288,11 @@ class GenerationEngine:
             # (app/llm/dequantized.py).
             added = keep_dequantized(model.model, model.model.dtype)
             log.info("kept a dequantized copy of the 4-bit weights: %.1f GiB", added / 2**30)
-        if one_row_kernel and model.device.type == "cuda":
+        if triton_kernels and model.device.type == "cuda":
             # One stream's steps read the 4-bit weights with a faster kernel (app/llm/triton_nf4.py),
             # checked on the first layer; where it does not compile or gives other values, the
-            # model keeps bitsandbytes' kernel.
+            # model keeps bitsandbytes' kernel. Falcon's rotary embedding takes one kernel where
+            # transformers launches ten (app/llm/triton_rotary.py).
             try:
                 from app.llm.triton_nf4 import enable as enable_nf4_kernel  # Triton: CUDA builds only
 
@@ -300,6 +301,9 @@ class GenerationEngine:
                 log.warning("the one-row NF4 kernel is off, bitsandbytes' is used: %s", error)
             else:
                 log.info("one-row NF4 kernel on %d layers", layers)
+            from app.llm.triton_rotary import install as fuse_rotary
+
+            fuse_rotary()
         self._calls: list[Callable[[], None]] = []  # work for the worker thread between rounds
         self._stopping = False
         self._thread: threading.Thread | None = None

@@ -61,7 +61,8 @@ def test_one_token_passes_take_the_kernel_and_longer_ones_keep_bitsandbytes(tiny
         assert layers == sum(1 for m in model.modules() if hasattr(m, "nf4_weight")) > 0
         one_after, prompt_after = model(one).logits, model(prompt).logits
         assert torch.equal(prompt_after, prompt_before), "passes of several tokens are bitsandbytes' own"
-        torch.testing.assert_close(one_after.float(), one_before.float(), rtol=3e-2, atol=3e-2)
+        # bf16 rounding of another order of additions: a step or two of bf16 at the logits' scale
+        assert (one_after - one_before).abs().max() <= 2e-2 * one_before.abs().max()
         assert one_after.argmax(-1).tolist() == one_before.argmax(-1).tolist()
         # Spoil one layer's packed codes as the kernel reads them: one-token passes change.
         layer = next(m for m in model.modules() if hasattr(m, "nf4_weight"))

@@ -1,0 +1,70 @@
+"""Falcon's rotary embedding in one kernel (app/llm/triton_rotary.py): the same bits as transformers'.
+
+CUDA only: runs on the GPU machine (docs/benchmarks.md, "GPU tests").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on a CUDA GPU")
+
+
+def rounded_as_separate_kernels(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin with every product and the sum rounded to bf16, as
+    transformers' separate bf16 kernels compute it (5.2x; some older versions round once)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    c, s = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()
+
+    def bf(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.bfloat16).float()
+
+    first = bf(bf(x1 * c[..., :half]) + bf(-x2 * s[..., :half]))
+    second = bf(bf(x2 * c[..., half:]) + bf(x1 * s[..., half:]))
+    return torch.cat([first, second], -1).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("batch,heads,length", [(1, 71, 1), (4, 71, 1), (1, 71, 300), (3, 1, 7)])
+def test_the_kernel_gives_the_separate_kernels_bits(batch: int, heads: int, length: int) -> None:
+    from transformers.models.falcon import modeling_falcon
+
+    from app.llm.triton_rotary import rotate
+
+    torch.manual_seed(heads + length)
+    q = torch.randn(batch, heads, length, 64, device="cuda", dtype=torch.bfloat16) * 3
+    k = torch.randn(batch, 1, length, 64, device="cuda", dtype=torch.bfloat16) * 3
+    angles = torch.randn(batch, length, 64, device="cuda")
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    assert torch.equal(rotate(q, cos, sin), rounded_as_separate_kernels(q, cos, sin))
+    assert torch.equal(rotate(k, cos, sin), rounded_as_separate_kernels(k, cos, sin))
+    # and this transformers' own, to its rounding: within a step of bf16
+    apply = getattr(modeling_falcon.apply_rotary_pos_emb, "original", modeling_falcon.apply_rotary_pos_emb)
+    expected = apply(q, k, cos, sin)[0].float()
+    assert ((rotate(q, cos, sin).float() - expected).abs() <= expected.abs() * 2**-7 + 1e-6).all()
+
+
+def test_installed_the_model_computes_the_same_logits(tiny_model_dir: Path) -> None:
+    from transformers.models.falcon import modeling_falcon
+
+    from app.llm import triton_rotary
+    from app.llm.loader import ModelSpec, load_model
+
+    model = load_model(ModelSpec(str(tiny_model_dir), device="cuda")).model
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]], device="cuda")
+    original = getattr(modeling_falcon.apply_rotary_pos_emb, "original", modeling_falcon.apply_rotary_pos_emb)
+    modeling_falcon.apply_rotary_pos_emb = original  # another test's engine may have installed it
+    with torch.no_grad():
+        before = model(ids).logits
+        triton_rotary.install()
+        try:
+            assert modeling_falcon.apply_rotary_pos_emb is not original
+            after = model(ids).logits
+        finally:
+            modeling_falcon.apply_rotary_pos_emb = original
+    # the same bits where transformers rounds as the kernel does; else a step of bf16 apart
+    assert (after - before).abs().max() <= 2e-2 * before.abs().max()
+    assert after.argmax(-1).tolist() == before.argmax(-1).tolist()
