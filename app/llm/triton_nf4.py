@@ -52,6 +52,16 @@ class Config:
 CONFIG = Config()
 
 
+def config_for(n: int, k: int) -> Config:
+    """Tile sizes by the layer's shape: the fastest of bench/nf4_kernels.py --sweep on an H200 for
+    Falcon-7B's four shapes (bench/results/2026-11-28-h200-nf4_kernels-prmt-sweep.log)."""
+    if k >= 16384:  # a long reduction (the MLP's down projection): more blocks per iteration
+        return Config(block_n=4, groups=32, warps=4)
+    if n >= 16384:  # many output rows (the MLP's up projection)
+        return Config(block_n=8, groups=8, warps=2)
+    return CONFIG
+
+
 @dataclass
 class Nf4Weight:
     """One layer's NF4 weight as bitsandbytes stores it, in the form the kernel reads."""
@@ -254,8 +264,9 @@ def _nf4_gemv(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, table_ptr, out_p
     tl.store(out_ptr + n, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-def nf4_gemv(x: torch.Tensor, weight: Nf4Weight, config: Config = CONFIG) -> torch.Tensor:
+def nf4_gemv(x: torch.Tensor, weight: Nf4Weight, config: Config | None = None) -> torch.Tensor:
     """x [..., K] with one row (bf16) times the NF4 weight's transpose: [..., N] in x's dtype."""
+    config = config or config_for(weight.n, weight.k)
     x1 = x.reshape(weight.k)
     if x1.dtype != torch.bfloat16:
         raise TypeError(f"nf4_gemv takes bf16 input, not {x1.dtype}")

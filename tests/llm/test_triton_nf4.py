@@ -28,7 +28,7 @@ def nf4_layer(k: int, n: int, seed: int) -> torch.nn.Module:
     return layer.cuda()
 
 
-@pytest.mark.parametrize("k,n", [(4544, 4672), (18176, 4544), (256, 96)])
+@pytest.mark.parametrize("k,n", [(4544, 4672), (18176, 4544), (4544, 18176), (256, 96)])
 def test_the_kernel_gives_bitsandbytes_dequantized_product(k: int, n: int) -> None:
     from bitsandbytes import functional as F
 
@@ -41,7 +41,8 @@ def test_the_kernel_gives_bitsandbytes_dequantized_product(k: int, n: int) -> No
     dense = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
     expected = x.float() @ dense.t()
     scale = expected.abs().max()
-    for config in (Config(), Config(block_n=4, groups=4, warps=2)):  # rows and blocks past the end
+    # the shape's own tiles, the default, and small ones: rows and blocks past the end of the layer
+    for config in (None, Config(), Config(block_n=4, groups=4, warps=2)):
         got = nf4_gemv(x, weight, config).float()
         assert got.shape == (1, n)
         assert float((got - expected).abs().max() / scale) < 1e-2  # bf16 output: about 4e-3
