@@ -142,7 +142,7 @@ def sweep(x: torch.Tensor, weights: list, reference: torch.Tensor, scale: float)
     timed = []
     configs = [
         triton_nf4.Config(block_n, groups, warps)
-        for block_n, groups, warps in itertools.product((4, 8, 16, 32), (4, 8, 16, 32), (2, 4, 8))
+        for block_n, groups, warps in itertools.product((4, 8, 16), (8, 16, 32), (2, 4))
     ]
     for config in configs:
         try:

@@ -292,7 +292,8 @@ class GenerationEngine:
             # One stream's steps read the 4-bit weights with a faster kernel (app/llm/triton_nf4.py),
             # checked on the first layer; where it does not compile or gives other values, the
             # model keeps bitsandbytes' kernel. Falcon's rotary embedding takes one kernel where
-            # transformers launches ten (app/llm/triton_rotary.py).
+            # transformers launches ten (app/llm/triton_rotary.py), and layer norms of a few rows
+            # one that uses more than one SM's worth of threads (app/llm/triton_norm.py).
             try:
                 from app.llm.triton_nf4 import enable as enable_nf4_kernel  # Triton: CUDA builds only
 
@@ -301,9 +302,11 @@ class GenerationEngine:
                 log.warning("the one-row NF4 kernel is off, bitsandbytes' is used: %s", error)
             else:
                 log.info("one-row NF4 kernel on %d layers", layers)
+            from app.llm.triton_norm import install as fuse_layer_norm
             from app.llm.triton_rotary import install as fuse_rotary
 
             fuse_rotary()
+            fuse_layer_norm(model.model)
         self._calls: list[Callable[[], None]] = []  # work for the worker thread between rounds
         self._stopping = False
         self._thread: threading.Thread | None = None

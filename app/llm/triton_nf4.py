@@ -176,31 +176,39 @@ fma.rn.f32 cacc, cf, {x[3]}, cacc;
 
 
 @triton.jit
-def _tile(w_ptrs, x_ptrs, q_ptrs, absmax2_ptr, b0, n, WORDS: tl.constexpr, BLOCKS: tl.constexpr,
+def _tile(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, b0, row0, rows, WORDS: tl.constexpr, BLOCKS: tl.constexpr,
           TILE: tl.constexpr, GROUPS: tl.constexpr):  # fmt: skip
-    # The loads of the tile starting at block b0: packed words [TILE, rows], the input as int32
-    # words of two bf16 [TILE, 4] (weight word c multiplies input words 4c..4c+3), and the
-    # blocks' quantized scales and second-level scales [GROUPS, rows]. Past the row: zeros.
-    word_ok = (b0 * 8 + tl.arange(0, TILE)) < WORDS
-    w = tl.load(w_ptrs + b0 * 8, mask=word_ok[:, None], other=0)
-    xw = tl.load(x_ptrs + b0 * 32, mask=word_ok[:, None], other=0)
-    blk = b0 + tl.arange(0, GROUPS)
-    blk_ok = (blk < BLOCKS)[:, None]
-    q = tl.load(q_ptrs + b0, mask=blk_ok, other=0)
-    a2 = tl.load(absmax2_ptr + (blk[:, None] + n[None, :] * BLOCKS) // 256, mask=blk_ok, other=0.0)
+    # The loads of the tile starting at block b0 of rows row0 + rows: packed words [TILE, rows],
+    # the input as int32 words of two bf16 [TILE, 4] (weight word c multiplies input words
+    # 4c..4c+3), and the blocks' quantized scales and second-level scales [GROUPS, rows].
+    # Past the end of a row the weights' addresses are clamped to its last word and the input is
+    # zero, so they add nothing: no mask per row, and each row's address is the first one's plus a
+    # constant, which the loads take as an immediate offset.
+    word = b0 * 8 + tl.arange(0, TILE)
+    word_ok = word < WORDS
+    word = tl.minimum(word, WORDS - 1)
+    w = tl.load(w_ptr + row0 * WORDS + word[:, None] + rows[None, :] * WORDS)
+    xw = tl.load(x_ptr + 4 * word[:, None] + tl.arange(0, 4)[None, :], mask=word_ok[:, None], other=0)
+    index = (
+        row0 * BLOCKS + tl.minimum(b0 + tl.arange(0, GROUPS), BLOCKS - 1)[:, None] + rows[None, :] * BLOCKS
+    )
+    q = tl.load(absmax_ptr + index)
+    a2 = tl.load(absmax2_ptr + index // 256)
     return w, xw, q, a2
 
 
 @triton.jit
 def _nf4_gemv(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, table_ptr, out_ptr, n_out, offset, zero,
-             K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+             K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, EVEN_N: tl.constexpr,
+             ASM: tl.constexpr):  # fmt: skip
     # out[n] = sum over k of x[k] * code[w[n, k]] * scale[n, k // 64]
     WORDS: tl.constexpr = K // 8  # packed words per weight row
     BLOCKS: tl.constexpr = K // 64  # block scales per weight row
     TILE: tl.constexpr = GROUPS * 8  # words per row per iteration
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < n_out
-    n = tl.where(n_ok, n, 0)  # rows past the end read row 0 and are not stored
+    row0 = tl.program_id(0) * BLOCK_N
+    rows = tl.arange(0, BLOCK_N)
+    if not EVEN_N:  # rows past the end read the last row again and are not stored
+        rows = tl.minimum(row0 + rows, n_out - 1) - row0
     acc = tl.zeros([TILE, BLOCK_N], dtype=tl.float32)
     # Loaded at addresses that differ per thread on paper (`zero` is 0): as constants, or as
     # values the compiler can see are the same in every thread, they live in uniform registers
@@ -213,16 +221,13 @@ def _nf4_gemv(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, table_ptr, out_p
     # Tiles are [words, rows]: a thread's rows share its words' inputs, unpacked once. Each
     # iteration issues the next tile's loads before computing its own, so the memory latency
     # overlaps the arithmetic.
-    w_ptrs = w_ptr + tl.arange(0, TILE)[:, None] + n[None, :] * WORDS
-    x_ptrs = x_ptr + 4 * tl.arange(0, TILE)[:, None] + tl.arange(0, 4)[None, :]
-    q_ptrs = absmax_ptr + tl.arange(0, GROUPS)[:, None] + n[None, :] * BLOCKS
     w_next, xw_next, q_next, a2_next = _tile(
-        w_ptrs, x_ptrs, q_ptrs, absmax2_ptr, 0, n, WORDS, BLOCKS, TILE, GROUPS
+        x_ptr, w_ptr, absmax_ptr, absmax2_ptr, 0, row0, rows, WORDS, BLOCKS, TILE, GROUPS
     )
     for b0 in range(0, BLOCKS, GROUPS):
         w, xw, q, a2 = w_next, xw_next, q_next, a2_next
         w_next, xw_next, q_next, a2_next = _tile(
-            w_ptrs, x_ptrs, q_ptrs, absmax2_ptr, b0 + GROUPS, n, WORDS, BLOCKS, TILE, GROUPS
+            x_ptr, w_ptr, absmax_ptr, absmax2_ptr, b0 + GROUPS, row0, rows, WORDS, BLOCKS, TILE, GROUPS
         )
         xa, xb = tl.split(tl.reshape(xw, [TILE, 2, 2]))
         x01, x45 = tl.split(xa)
@@ -261,7 +266,8 @@ def _nf4_gemv(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, table_ptr, out_p
         scale = tl.load(code2_ptr + q.to(tl.int32)) * a2 + offset
         # each block's scale, for its 8 words
         acc += part * tl.reshape(tl.broadcast_to(scale[:, None, :], [GROUPS, 8, BLOCK_N]), shape)
-    tl.store(out_ptr + n, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
+    n = row0 + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + n, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n < n_out)
 
 
 def nf4_gemv(x: torch.Tensor, weight: Nf4Weight, config: Config | None = None) -> torch.Tensor:
@@ -275,7 +281,8 @@ def nf4_gemv(x: torch.Tensor, weight: Nf4Weight, config: Config | None = None) -
     grid = ((weight.n + config.block_n - 1) // config.block_n,)
     _nf4_gemv[grid](
         x1.view(torch.int32), weight.words, weight.absmax, weight.absmax2, weight.code2, weight.table, out,
-        weight.n, weight.offset, 0, K=weight.k, BLOCK_N=config.block_n, GROUPS=config.groups, ASM=weight.asm,
+        weight.n, weight.offset, 0, K=weight.k, BLOCK_N=config.block_n, GROUPS=config.groups,
+        EVEN_N=weight.n % config.block_n == 0, ASM=weight.asm,
         num_warps=config.warps,
     )  # fmt: skip
     return out.view(*x.shape[:-1], weight.n)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _bf16(x):
+def round_to_bf16(x):
     # x rounded to the nearest bf16 value (ties to even), as PyTorch rounds, kept in fp32. Done on
     # the bits: Triton's own conversion did not give PyTorch's bits on an H200
     # (tests/llm/test_triton_rotary.py).
@@ -51,8 +51,9 @@ def _rotate(x_ptr, out_ptr, cos_ptr, sin_ptr, heads, length, x_sb, x_sh, x_sl, c
     x1 = tl.load(at + d[None, :], mask=h_ok, other=0.0).to(tl.float32)
     x2 = tl.load(at + HALF + d[None, :], mask=h_ok, other=0.0).to(tl.float32)
     # rotate_half(x) = cat(-x2, x1)
-    out1 = _bf16(_bf16(x1 * cos1) + _bf16(-x2 * sin1)).to(tl.bfloat16)  # exact: already bf16 values
-    out2 = _bf16(_bf16(x2 * cos2) + _bf16(x1 * sin2)).to(tl.bfloat16)
+    # (the last conversion is exact: the values are bf16 already)
+    out1 = round_to_bf16(round_to_bf16(x1 * cos1) + round_to_bf16(-x2 * sin1)).to(tl.bfloat16)
+    out2 = round_to_bf16(round_to_bf16(x2 * cos2) + round_to_bf16(x1 * sin2)).to(tl.bfloat16)
     dst = out_ptr + ((b * heads + h[:, None]) * length + p) * (2 * HALF)
     tl.store(dst + d[None, :], out1, mask=h_ok)
     tl.store(dst + HALF + d[None, :], out2, mask=h_ok)
