@@ -1,10 +1,10 @@
-"""One-row matmuls over bitsandbytes' NF4 weights, for decoding one stream near the memory bandwidth.
+"""One-row matmuls over bitsandbytes' NF4 weights, for decoding one stream.
 
 A one-stream decoding step reads every weight once, so its 4-bit matmuls set its floor. On an H200,
 bitsandbytes' one-row kernel moves about 0.94 TB/s of the card's 4.8: 3.6 ms of Falcon-7B's 6.6 ms
-step with an adapter (bench/nf4_kernels.py, docs/benchmarks.md). An earlier Triton kernel that
-looked each 4-bit code up one at a time (a gather per weight) ran at half bitsandbytes' speed: it
-was bound by instructions, not memory.
+step with an adapter (bench/nf4_kernels.py, docs/benchmarks.md); this one takes 2.6 ms. An earlier
+Triton kernel that looked each 4-bit code up one at a time (a gather per weight) ran at half
+bitsandbytes' speed: it was bound by instructions, not memory, and this one still is.
 
 This kernel looks the codes up four at a time with byte permutes (PTX `prmt`), as the fast CUDA
 kernels for lookup-table formats do. NF4's 16 values, as bf16, are 32 bytes: their low bytes in four
@@ -54,7 +54,7 @@ CONFIG = Config()
 
 def config_for(n: int, k: int) -> Config:
     """Tile sizes by the layer's shape: the fastest of bench/nf4_kernels.py --sweep on an H200 for
-    Falcon-7B's four shapes (bench/results/2026-11-28-h200-nf4_kernels-prmt-sweep.log)."""
+    Falcon-7B's four shapes (bench/results/2026-11-28-h200-nf4_kernels-prmt-2-sweep.log)."""
     if k >= 16384:  # a long reduction (the MLP's down projection): more blocks per iteration
         return Config(block_n=4, groups=32, warps=4)
     if n >= 16384:  # many output rows (the MLP's up projection)
