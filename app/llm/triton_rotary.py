@@ -5,7 +5,9 @@ kernels per layer (two halves, a negation and a concatenation for rotate_half, t
 sum, twice). In a one-stream decoding step on an H200 those 320 kernels are about 0.3 ms of GPU
 time plus their launch gaps, where the whole step is about 6 ms (bench/decode_profile.py). This
 kernel does both in one launch with the same arithmetic: each product is rounded to bf16 and then
-the sum, as the separate bf16 kernels round them, so the values are the same bits.
+the sum, as separate bf16 kernels round them (on the CPU, transformers' result bit for bit; on an
+H200, tests/llm/test_triton_rotary.py checks that rounding bit for bit and transformers' own result
+within a step of bf16).
 
 `install` swaps transformers' Falcon `apply_rotary_pos_emb` for one that takes this kernel for
 bf16 CUDA tensors and calls the original otherwise (the CPU, other dtypes).

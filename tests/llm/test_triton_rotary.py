@@ -1,4 +1,4 @@
-"""Falcon's rotary embedding in one kernel (app/llm/triton_rotary.py): the same bits as transformers'.
+"""Falcon's rotary embedding in one kernel (app/llm/triton_rotary.py): transformers' arithmetic.
 
 CUDA only: runs on the GPU machine (docs/benchmarks.md, "GPU tests").
 """
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Trito
 
 def rounded_as_separate_kernels(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin with every product and the sum rounded to bf16, as
-    transformers' separate bf16 kernels compute it (5.2x; some older versions round once)."""
+    transformers' separate bf16 kernels compute it (bit for bit on the CPU)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     c, s = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()
@@ -65,6 +65,6 @@ def test_installed_the_model_computes_the_same_logits(tiny_model_dir: Path) -> N
             after = model(ids).logits
         finally:
             modeling_falcon.apply_rotary_pos_emb = original
-    # the same bits where transformers rounds as the kernel does; else a step of bf16 apart
+    # within a step of bf16 of transformers' own logits, the same tokens
     assert (after - before).abs().max() <= 2e-2 * before.abs().max()
     assert after.argmax(-1).tolist() == before.argmax(-1).tolist()
