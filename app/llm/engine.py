@@ -246,6 +246,33 @@ class _Sequence:
         )
 
 
+def install_triton_kernels(model: Any, device: torch.device) -> None:
+    """Decoding steps' Triton kernels, each checked at start-up against the code it replaces; one
+    that does not compile or computes something else stays off, and the model keeps that code.
+
+    - the one-row 4-bit matmul, for one stream (app/llm/triton_nf4.py): bitsandbytes' otherwise;
+    - Falcon's rotary embedding in one kernel where transformers launches ten (triton_rotary.py);
+    - layer norm of a few rows across more than one SM (triton_norm.py).
+    """
+    try:
+        from app.llm import triton_nf4, triton_norm, triton_rotary  # Triton: CUDA builds only
+    except ImportError as error:
+        log.warning("no Triton kernels (%s): bitsandbytes' and PyTorch's are used", error)
+        return
+    installs: list[tuple[str, Callable[[], object]]] = [
+        ("one-row NF4", lambda: triton_nf4.enable(model)),
+        ("rotary", lambda: triton_rotary.install(device)),
+        ("layer norm", lambda: triton_norm.install(model)),
+    ]
+    for name, install in installs:
+        try:
+            result = install()
+        except Exception as error:
+            log.warning("the %s kernel is off: %s", name, error)
+        else:
+            log.info("the %s kernel is on (%s)", name, result)
+
+
 class GenerationEngine:
     def __init__(
         self,
@@ -289,24 +316,7 @@ class GenerationEngine:
             added = keep_dequantized(model.model, model.model.dtype)
             log.info("kept a dequantized copy of the 4-bit weights: %.1f GiB", added / 2**30)
         if triton_kernels and model.device.type == "cuda":
-            # One stream's steps read the 4-bit weights with a faster kernel (app/llm/triton_nf4.py),
-            # checked on the first layer; where it does not compile or gives other values, the
-            # model keeps bitsandbytes' kernel. Falcon's rotary embedding takes one kernel where
-            # transformers launches ten (app/llm/triton_rotary.py), and layer norms of a few rows
-            # one that uses more than one SM's worth of threads (app/llm/triton_norm.py).
-            try:
-                from app.llm.triton_nf4 import enable as enable_nf4_kernel  # Triton: CUDA builds only
-
-                layers = enable_nf4_kernel(model.model)
-            except Exception as error:
-                log.warning("the one-row NF4 kernel is off, bitsandbytes' is used: %s", error)
-            else:
-                log.info("one-row NF4 kernel on %d layers", layers)
-            from app.llm.triton_norm import install as fuse_layer_norm
-            from app.llm.triton_rotary import install as fuse_rotary
-
-            fuse_rotary()
-            fuse_layer_norm(model.model)
+            install_triton_kernels(model.model, model.device)
         self._calls: list[Callable[[], None]] = []  # work for the worker thread between rounds
         self._stopping = False
         self._thread: threading.Thread | None = None

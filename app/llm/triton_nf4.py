@@ -38,6 +38,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from app.llm.triton_common import KernelMismatch
+
 BLOCK = 64  # weights per block scale: the only block size this kernel takes (bitsandbytes' default)
 NESTED_BLOCK = 256  # block scales per second-level scale (double quantization)
 
@@ -316,10 +318,6 @@ def enable(model: nn.Module) -> int:
         module.nf4_weight = weight
         module.forward = functools.partial(_forward, module, module.forward)
     return len(layers)
-
-
-class KernelMismatch(RuntimeError):
-    pass
 
 
 def check(layer: Any, weight: Nf4Weight) -> None:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from app.llm.triton_rotary import round_to_bf16
+from app.llm.triton_common import KernelMismatch, round_to_bf16
 
 MAX_ROWS = 64  # a decoding step's batch; a prompt's rows go to PyTorch's kernel
 
@@ -60,7 +60,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def install(model: nn.Module) -> int:
     """This kernel for the model's bf16 LayerNorm layers on a CUDA device, in passes of up to
-    MAX_ROWS rows; returns how many layers took it."""
+    MAX_ROWS rows; returns how many layers took it. The first layer is checked against PyTorch's
+    first (KernelMismatch, or the compiler's error, and no layer takes it)."""
     layers: list[Any] = [
         m
         for m in model.modules()
@@ -71,10 +72,24 @@ def install(model: nn.Module) -> int:
         and len(m.normalized_shape) == 1
         and not hasattr(m, "one_kernel")
     ]
+    if layers:
+        _check(layers[0])
     for layer in layers:
         layer.one_kernel = True
         layer.forward = functools.partial(_forward, layer, layer.forward)
     return len(layers)
+
+
+def _check(layer: Any) -> None:
+    n = layer.normalized_shape[0]
+    generator = torch.Generator(device=layer.weight.device).manual_seed(0)
+    x = (torch.randn(2, n, generator=generator, device=layer.weight.device) * 3 + 1).to(torch.bfloat16)
+    with torch.no_grad():
+        bias = None if layer.bias is None else layer.bias.float()
+        exact = torch.nn.functional.layer_norm(x.float(), (n,), layer.weight.float(), bias, layer.eps)
+        got = layer_norm(x, layer.weight, layer.bias, layer.eps).float()
+    if not ((got - exact).abs() <= exact.abs() * 2**-7 + 1e-2).all():
+        raise KernelMismatch("the layer norm kernel is more than a bf16 step from PyTorch's")
 
 
 def _forward(layer: Any, previous: Any, x: torch.Tensor) -> torch.Tensor:

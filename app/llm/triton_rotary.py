@@ -21,15 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def round_to_bf16(x):
-    # x rounded to the nearest bf16 value (ties to even), as PyTorch rounds, kept in fp32. Done on
-    # the bits: Triton's own conversion did not give PyTorch's bits on an H200
-    # (tests/llm/test_triton_rotary.py).
-    bits = x.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-    return bits.to(tl.float32, bitcast=True)
+from app.llm.triton_common import KernelMismatch, round_to_bf16
 
 
 @triton.jit
@@ -89,13 +81,22 @@ def _fits(x: torch.Tensor, cos: torch.Tensor) -> bool:
     )
 
 
-def install() -> None:
-    """Falcon's rotary embedding through `rotate` where it fits (idempotent)."""
+def install(device: torch.device) -> None:
+    """Falcon's rotary embedding through `rotate` where it fits (idempotent), once a check on
+    `device` finds it within a bf16 step of transformers' (KernelMismatch, or the compiler's error,
+    otherwise)."""
     from transformers.models.falcon import modeling_falcon
 
     original = modeling_falcon.apply_rotary_pos_emb
     if getattr(original, "fused", False):
         return
+    generator = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(2, 4, 3, 64, generator=generator, device=device).to(torch.bfloat16)
+    angles = torch.randn(2, 3, 64, generator=generator, device=device)
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    expected = original(q, q[:, :1], cos, sin)[0].float()
+    if not ((rotate(q, cos, sin).float() - expected).abs() <= expected.abs() * 2**-7 + 1e-6).all():
+        raise KernelMismatch("the rotary kernel is more than a bf16 step from transformers'")
 
     def apply_rotary_pos_emb(q: Any, k: Any, cos: Any, sin: Any, unsqueeze_dim: int = 1) -> Any:
         if unsqueeze_dim != 1 or not (_fits(q, cos) and _fits(k, cos) and sin.stride() == cos.stride()):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import logging
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from app.llm.engine import (
     IncrementalDetokenizer,
     SamplingParams,
     StopMatcher,
+    install_triton_kernels,
 )
 from app.llm.loader import LoadedModel, ModelSpec, load_model
 from app.llm.prompts import ChatTurn, build_prompt
@@ -29,6 +32,22 @@ async def engine(tiny_model: LoadedModel):  # type: ignore[no-untyped-def]
     engine.start()
     yield engine
     await asyncio.to_thread(engine.shutdown)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is not None, reason="this torch ships Triton")
+def test_without_triton_the_model_keeps_its_own_kernels_and_the_log_says_why(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CUDA build of PyTorch ships Triton; were it missing, the server would still start."""
+    from transformers.models.falcon import modeling_falcon
+
+    model = load_model(ModelSpec(str(tiny_model_dir), device="cpu")).model
+    rotary = modeling_falcon.apply_rotary_pos_emb
+    with caplog.at_level(logging.WARNING, logger="app.llm.engine"):
+        install_triton_kernels(model, model.device)
+    assert "no Triton kernels" in caplog.text
+    assert modeling_falcon.apply_rotary_pos_emb is rotary
+    assert not any(hasattr(m, "nf4_weight") or hasattr(m, "one_kernel") for m in model.modules())
 
 
 def greedy(max_tokens: int, **kwargs: object) -> SamplingParams:

@@ -43,3 +43,18 @@ def test_installed_steps_of_a_few_rows_take_it_and_prompts_keep_pytorch(tiny_mod
     assert (one_after - one_before).abs().max() <= 2e-2 * one_before.abs().max()
     assert one_after.argmax(-1).tolist() == one_before.argmax(-1).tolist()
     assert install(model) == 0, "layers that have the kernel keep it"
+
+
+def test_a_kernel_that_computes_something_else_is_not_switched_on(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.llm import triton_norm
+    from app.llm.loader import ModelSpec, load_model
+    from app.llm.triton_common import KernelMismatch
+
+    model = load_model(ModelSpec(str(tiny_model_dir), device="cuda")).model
+    real = triton_norm.layer_norm
+    monkeypatch.setattr(triton_norm, "layer_norm", lambda x, w, b, eps: real(x, w, b, eps) * 1.1)
+    with pytest.raises(KernelMismatch, match="layer norm"):
+        triton_norm.install(model)
+    assert not any(hasattr(m, "one_kernel") for m in model.modules())
