@@ -365,7 +365,7 @@ def main() -> int:
         "--dequantized", action="store_true", help="the engine with KEEP_DEQUANTIZED_WEIGHTS=true"
     )
     parser.add_argument(
-        "--no-triton-kernels", action="store_true", help="without the one-row NF4 and rotary kernels"
+        "--no-triton-kernels", action="store_true", help="without the Triton NF4, rotary and norm kernels"
     )
     parser.add_argument("--arrival-ms", type=float, default=50.0, help="spacing of the staggered load run")
     parser.add_argument("--skip-plain", action="store_true", help="only the engine (no equality check)")
