@@ -1,10 +1,11 @@
 """Layer norm for a few rows in one Triton kernel (CUDA, bf16): decoding steps.
 
 For one row of Falcon-7B's 4,544 values PyTorch's layer norm kernel took 9 us on an H200, 0.3 ms
-of a one-stream decoding step's 5.2 (33 calls; bench/decode_profile.py): one block on one SM, for
-18 KB. This kernel is one program per row that reads the row once, as PyTorch's does, with the
-mean and variance in fp32 and the result rounded to nearest (ties to even) as PyTorch rounds; the
-sums run in another order, so values can differ from PyTorch's by a step of bf16.
+of a one-stream decoding step's 5.2 (33 calls; bench/decode_profile.py), for 9 KB of input. This
+kernel is one program per row of up to 16 warps that loads the whole row at once (2.8 us on the
+H200), with the mean and variance in fp32 and the result rounded to nearest (ties to even) as
+PyTorch rounds; the sums run in another order, so values can differ from PyTorch's by a step of
+bf16.
 
 Passes of more rows (prefill) keep PyTorch's kernel, which is efficient there. `install` gives a
 model's bf16 `nn.LayerNorm` layers on a CUDA device this kernel for passes of up to MAX_ROWS rows.
