@@ -13,19 +13,20 @@ So where the card has the memory, `KEEP_DEQUANTIZED_WEIGHTS=true` keeps each 4-b
 weight dequantized once, by bitsandbytes itself, exactly as its batched path dequantizes it in
 every pass: the model is the same NF4 model (the base its QLoRA adapters were trained against, not
 the original bf16 checkpoint), passes of two tokens or more compute what bitsandbytes computes,
-and a one-row step keeps bitsandbytes' fused 4-bit kernel, which is faster there. It costs two
+and a one-row step keeps a one-row 4-bit kernel (app/llm/triton_nf4.py's on a GPU, else
+bitsandbytes' fused one), which is faster there. It costs two
 bytes per parameter on top of the 4-bit weights: 12.3 GiB for Falcon-7B.
 """
 
 from __future__ import annotations
 
-import types
+import functools
 from typing import Any
 
 import torch
 from torch import nn
 
-MIN_TOKENS = 2  # one token: bitsandbytes' fused one-row kernel reads the 4-bit weight once, and wins
+MIN_TOKENS = 2  # one token: a one-row 4-bit kernel reads the 4-bit weight once, and wins
 RESERVE_BYTES = 2 << 30  # left free after the copy: KV cache, a packed prefill's activations
 
 
@@ -69,7 +70,9 @@ def keep_dequantized(model: nn.Module, dtype: torch.dtype, free_bytes: int | Non
             weight = F.dequantize_4bit(packed.data, packed.quant_state).to(dtype)
         module.dequantized_weight = weight
         # This instance's forward only: the model's other code (and PEFT) still sees a Linear4bit.
-        module.forward = types.MethodType(_forward, module)  # type: ignore[method-assign]
+        # Wrapped as app/llm/triton_nf4.py and triton_norm.py wrap theirs, around the forward the
+        # layer had, so the wrappers compose in any order.
+        module.forward = functools.partial(_forward, module, module.forward)  # type: ignore[method-assign]
         added += weight.numel() * weight.element_size()
     return added
 
@@ -78,9 +81,9 @@ def _packed(layer: nn.Module) -> Any:
     return layer.weight  # bitsandbytes' Params4bit: the packed 4-bit values, with their quant_state
 
 
-def _forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    if x.numel() // x.shape[-1] < MIN_TOKENS or not self.compute_type_is_set:
-        return type(self).forward(self, x)  # bitsandbytes' own (and its first call's setup)
-    weight = self.dequantized_weight
-    bias = None if self.bias is None else self.bias.to(weight.dtype)
+def _forward(layer: Any, previous: Any, x: torch.Tensor) -> torch.Tensor:
+    if x.numel() // x.shape[-1] < MIN_TOKENS or not layer.compute_type_is_set:
+        return previous(x)  # bitsandbytes' own (and its first call's setup)
+    weight = layer.dequantized_weight
+    bias = None if layer.bias is None else layer.bias.to(weight.dtype)
     return nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)

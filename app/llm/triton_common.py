@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 
 class KernelMismatch(RuntimeError):
     """A kernel's start-up check found other values than the code it replaces: it is not used."""
+
+
+def require_close(
+    kernel: str, got: torch.Tensor, expected: torch.Tensor, reference: str, floor: float
+) -> None:
+    """Raise KernelMismatch unless every value of `got` is within a step of bf16 (2**-7 of its
+    size, or `floor` near zero) of `expected`, what `reference` computes."""
+    got, expected = got.float(), expected.float()
+    if not ((got - expected).abs() <= expected.abs() * 2**-7 + floor).all():
+        raise KernelMismatch(f"the {kernel} kernel is more than a bf16 step from {reference}")
 
 
 @triton.jit

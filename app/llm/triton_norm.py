@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from app.llm.triton_common import KernelMismatch, round_to_bf16
+from app.llm.triton_common import require_close, round_to_bf16
 
 MAX_ROWS = 64  # a decoding step's batch; a prompt's rows go to PyTorch's kernel
 
@@ -88,9 +88,8 @@ def _check(layer: Any) -> None:
     with torch.no_grad():
         bias = None if layer.bias is None else layer.bias.float()
         exact = torch.nn.functional.layer_norm(x.float(), (n,), layer.weight.float(), bias, layer.eps)
-        got = layer_norm(x, layer.weight, layer.bias, layer.eps).float()
-    if not ((got - exact).abs() <= exact.abs() * 2**-7 + 1e-2).all():
-        raise KernelMismatch("the layer norm kernel is more than a bf16 step from PyTorch's")
+        got = layer_norm(x, layer.weight, layer.bias, layer.eps)
+    require_close("layer norm", got, exact, "PyTorch's", 1e-2)
 
 
 def _forward(layer: Any, previous: Any, x: torch.Tensor) -> torch.Tensor:

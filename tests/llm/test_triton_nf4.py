@@ -73,17 +73,17 @@ def test_one_token_passes_take_the_kernel_and_longer_ones_keep_bitsandbytes(tiny
     assert enable(model) == 0, "layers that have the kernel keep it"
 
 
-def test_a_kernel_that_computes_something_else_is_not_switched_on(tiny_model_dir: Path) -> None:
+def test_a_kernel_that_computes_something_else_is_not_switched_on(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from app.llm import triton_nf4
     from app.llm.loader import ModelSpec, load_model
+    from app.llm.triton_common import KernelMismatch
 
     served = load_model(ModelSpec(str(tiny_model_dir), device="cuda"))
     wrong = tuple(range(16))  # a lookup table that is not the layers' NF4 values
     real = triton_nf4.lookup_asm
-    triton_nf4.lookup_asm = lambda code_bits: real(wrong)  # type: ignore[assignment]
-    try:
-        with pytest.raises(triton_nf4.KernelMismatch, match="off by"):
-            triton_nf4.enable(served.model)
-    finally:
-        triton_nf4.lookup_asm = real  # type: ignore[assignment]
+    monkeypatch.setattr(triton_nf4, "lookup_asm", lambda code_bits: real(wrong))
+    with pytest.raises(KernelMismatch, match="off by"):
+        triton_nf4.enable(served.model)
     assert not any(hasattr(m, "nf4_weight") for m in served.model.modules())

@@ -47,7 +47,7 @@ def test_the_kernel_gives_the_separate_kernels_bits(batch: int, heads: int, leng
     assert ((rotate(q, cos, sin).float() - expected).abs() <= expected.abs() * 2**-7 + 1e-6).all()
 
 
-def test_installed_the_model_computes_the_same_logits(tiny_model_dir: Path) -> None:
+def test_installed_the_model_keeps_its_logits_to_bf16_rounding(tiny_model_dir: Path) -> None:
     from transformers.models.falcon import modeling_falcon
 
     from app.llm import triton_rotary
@@ -68,3 +68,18 @@ def test_installed_the_model_computes_the_same_logits(tiny_model_dir: Path) -> N
     # within a step of bf16 of transformers' own logits, the same tokens
     assert (after - before).abs().max() <= 2e-2 * before.abs().max()
     assert after.argmax(-1).tolist() == before.argmax(-1).tolist()
+
+
+def test_a_kernel_that_computes_something_else_is_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.models.falcon import modeling_falcon
+
+    from app.llm import triton_rotary
+    from app.llm.triton_common import KernelMismatch
+
+    original = getattr(modeling_falcon.apply_rotary_pos_emb, "original", modeling_falcon.apply_rotary_pos_emb)
+    monkeypatch.setattr(modeling_falcon, "apply_rotary_pos_emb", original)
+    real = triton_rotary.rotate
+    monkeypatch.setattr(triton_rotary, "rotate", lambda x, cos, sin: real(x, cos, sin) * 1.1)
+    with pytest.raises(KernelMismatch, match="rotary"):
+        triton_rotary.install(torch.device("cuda"))
+    assert modeling_falcon.apply_rotary_pos_emb is original
