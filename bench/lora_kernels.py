@@ -58,9 +58,10 @@ def gathered(
 def triton_rows(
     x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, _: torch.Tensor, slots: torch.Tensor
 ) -> torch.Tensor:
-    from app.llm.triton_lora import add_lora
+    from app.llm.triton_lora import expand, shrink
 
-    return add_lora(y, x, a, b, slots, RANK)  # in place: y is the base layer's fresh output when served
+    # in place: y is the base layer's fresh output when served
+    return expand(y, shrink(x, a, b, slots, RANK))
 
 
 def time_graph(fn: Callable[[], object], replays: int = 50) -> float:

@@ -73,14 +73,18 @@ class BatchedLoraLinear(nn.Module):
         return self.lora_a.shape[0] // self.slots
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
         mask, slots = self.rows.mask, self.rows.slots
         if mask is None or slots is None:
-            return y
+            return self.base_layer(x, *args, **kwargs)
         if x.is_cuda and slots.shape == x.shape[:-1] and slots.numel() <= TRITON_MAX_TOKENS:
-            from app.llm.triton_lora import add_lora
+            from app.llm import triton_lora, triton_nf4
 
-            return add_lora(y.contiguous(), x, self.lora_a, self.lora_b, slots.reshape(-1), self.rank)
+            update = triton_lora.shrink(x, self.lora_a, self.lora_b, slots.reshape(-1), self.rank)
+            if triton_nf4.one_row(self.base_layer, x) and self.base_layer.bias is None:
+                # The 4-bit kernel adds the update as it writes its output: one launch fewer.
+                return triton_nf4.nf4_gemv(x, self.base_layer.nf4_weight, lora=update)
+            return triton_lora.expand(self.base_layer(x, *args, **kwargs).contiguous(), update)
+        y = self.base_layer(x, *args, **kwargs)
         hidden = (
             torch.nn.functional.linear(x.to(self.lora_a.dtype), self.lora_a) * mask
         )  # [rows, tokens, SxR]

@@ -24,7 +24,8 @@ can differ where two tokens' logits are that close.
 
 Only CUDA builds of PyTorch ship Triton; `enable` gives the model's NF4 layers this kernel for
 one-token passes on a CUDA device and leaves every other pass (and every other layout) to
-bitsandbytes.
+bitsandbytes. Under an adapter (app/llm/lora.py), the kernel also adds the row's LoRA update as it
+writes its output, sparing the separate expand kernel.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import triton.language as tl
 from torch import nn
 
 from app.llm.triton_common import KernelMismatch
+from app.llm.triton_lora import LoraUpdate, lora_delta
 
 BLOCK = 64  # weights per block scale: the only block size this kernel takes (bitsandbytes' default)
 NESTED_BLOCK = 256  # block scales per second-level scale (double quantization)
@@ -201,9 +203,11 @@ def _tile(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, b0, row0, rows, WORDS: tl.const
 
 @triton.jit
 def _nf4_gemv(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, table_ptr, out_ptr, n_out, offset, zero,
-             K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, EVEN_N: tl.constexpr,
-             ASM: tl.constexpr):  # fmt: skip
-    # out[n] = sum over k of x[k] * code[w[n, k]] * scale[n, k // 64]
+              part_ptr, b_ptr, slot_ptr, b_stride, rank, n_chunks, K: tl.constexpr, BLOCK_N: tl.constexpr,
+              GROUPS: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr, LORA: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    # out[n] = sum over k of x[k] * code[w[n, k]] * scale[n, k // 64], plus with LORA the row's
+    # adapter update (app/llm/triton_lora.py's shrink partials times B)
     WORDS: tl.constexpr = K // 8  # packed words per weight row
     BLOCKS: tl.constexpr = K // 64  # block scales per weight row
     TILE: tl.constexpr = GROUPS * 8  # words per row per iteration
@@ -269,11 +273,20 @@ def _nf4_gemv(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, table_ptr, out_p
         # each block's scale, for its 8 words
         acc += part * tl.reshape(tl.broadcast_to(scale[:, None, :], [GROUPS, 8, BLOCK_N]), shape)
     n = row0 + tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + n, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n < n_out)
+    out = tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty)
+    if LORA:
+        # Rounded as the base layer's output first, as expanding after it would: the same bits.
+        slot = tl.load(slot_ptr)
+        delta = lora_delta(part_ptr, b_ptr, slot, 0, n, n < n_out, b_stride, rank, n_chunks, BLOCK_R, BLOCK_C)
+        out = (out.to(tl.float32) + delta).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + n, out, mask=n < n_out)
 
 
-def nf4_gemv(x: torch.Tensor, weight: Nf4Weight, config: Config | None = None) -> torch.Tensor:
-    """x [..., K] with one row (bf16) times the NF4 weight's transpose: [..., N] in x's dtype."""
+def nf4_gemv(
+    x: torch.Tensor, weight: Nf4Weight, config: Config | None = None, lora: LoraUpdate | None = None
+) -> torch.Tensor:
+    """x [..., K] with one row (bf16) times the NF4 weight's transpose: [..., N] in x's dtype; with
+    `lora` (app/llm/triton_lora.shrink of the same x), plus the row's adapter update."""
     config = config or config_for(weight.n, weight.k)
     x1 = x.reshape(weight.k)
     if x1.dtype != torch.bfloat16:
@@ -281,10 +294,16 @@ def nf4_gemv(x: torch.Tensor, weight: Nf4Weight, config: Config | None = None) -
     x1 = x1.contiguous()
     out = torch.empty(weight.n, dtype=x.dtype, device=x.device)
     grid = ((weight.n + config.block_n - 1) // config.block_n,)
+    if lora is None:  # the LoRA arguments go unread
+        lora_args: tuple[Any, ...] = (out, out, out, 0, 0, 0)
+        blocks = {"BLOCK_R": 1, "BLOCK_C": 1}
+    else:
+        lora_args = (lora.parts, lora.b, lora.slots, lora.b.stride(0), lora.rank, lora.n_chunks)
+        blocks = {"BLOCK_R": lora.block_r, "BLOCK_C": lora.block_c}
     _nf4_gemv[grid](
         x1.view(torch.int32), weight.words, weight.absmax, weight.absmax2, weight.code2, weight.table, out,
-        weight.n, weight.offset, 0, K=weight.k, BLOCK_N=config.block_n, GROUPS=config.groups,
-        EVEN_N=weight.n % config.block_n == 0, ASM=weight.asm,
+        weight.n, weight.offset, 0, *lora_args, K=weight.k, BLOCK_N=config.block_n, GROUPS=config.groups,
+        EVEN_N=weight.n % config.block_n == 0, ASM=weight.asm, LORA=lora is not None, **blocks,
         num_warps=config.warps,
     )  # fmt: skip
     return out.view(*x.shape[:-1], weight.n)
@@ -337,15 +356,21 @@ def check(layer: Any, weight: Nf4Weight) -> None:
         )
 
 
+def one_row(layer: Any, x: torch.Tensor) -> bool:
+    """Whether `layer` (a bitsandbytes Linear4bit) computes `x` with this kernel: the kernel is
+    enabled on it and x is one token in bf16 (a decoding step of one stream). Not on the first
+    call: bitsandbytes sets the layer up there."""
+    return (
+        hasattr(layer, "nf4_weight")
+        and x.numel() == x.shape[-1]
+        and x.dtype == torch.bfloat16
+        and layer.compute_type_is_set
+        and layer.compute_dtype in (None, torch.bfloat16)
+    )
+
+
 def _forward(layer: Any, previous: Any, x: torch.Tensor) -> torch.Tensor:
-    # One token in bf16 (a decoding step of one stream): this kernel; anything else, and the first
-    # call (bitsandbytes sets the layer up there), the path the layer had.
-    if (
-        x.numel() != x.shape[-1]
-        or x.dtype != torch.bfloat16
-        or not layer.compute_type_is_set
-        or layer.compute_dtype not in (None, torch.bfloat16)
-    ):
+    if not one_row(layer, x):
         return previous(x)
     out = nf4_gemv(x, layer.nf4_weight)
     return out if layer.bias is None else out + layer.bias.to(out.dtype)

@@ -48,6 +48,39 @@ def test_the_kernel_gives_bitsandbytes_dequantized_product(k: int, n: int) -> No
         assert float((got - expected).abs().max() / scale) < 1e-2  # bf16 output: about 4e-3
 
 
+@pytest.mark.parametrize("k,n,rank", [(4544, 4672, 16), (18176, 4544, 16), (256, 90, 12)])
+def test_the_kernel_adds_an_adapters_update_as_the_expand_kernel_would(k: int, n: int, rank: int) -> None:
+    from bitsandbytes import functional as F
+
+    from app.llm.triton_lora import expand, shrink
+    from app.llm.triton_nf4 import Nf4Weight, nf4_gemv
+
+    layer = nf4_layer(k, n, seed=k + n + rank)
+    weight = Nf4Weight.of(layer)
+    assert weight is not None
+    generator = torch.Generator(device="cuda").manual_seed(rank)
+    slots = 3  # the buffers of app/llm/lora.py: slot s owns `rank` rows of A and columns of B
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", generator=generator).to(torch.bfloat16)
+
+    a, b, x = randn(slots * rank, k) * 0.02, randn(n, slots * rank) * 0.02, randn(1, k)
+    base = nf4_gemv(x, weight)
+    dense = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    for slot in (1, 2):
+        update = shrink(x, a, b, torch.tensor([slot], device="cuda"), rank)
+        fused = nf4_gemv(x, weight, lora=update)
+        separate = expand(base.clone(), update)
+        # The base product rounded to bf16, the update added in fp32, rounded once, as expanding
+        # after the kernel does: the same bits, but for the order of the rank's fp32 sums (one step).
+        steps = (fused.view(torch.int16).int() - separate.view(torch.int16).int()).abs()
+        assert int(steps.max()) <= 1 and float((steps > 0).float().mean()) < 0.01
+        columns = slice(slot * rank, (slot + 1) * rank)
+        expected = x.float() @ dense.t() + (x.float() @ a[columns].float().t()) @ b[:, columns].float().t()
+        assert float((fused.float() - expected).abs().max() / expected.abs().max()) < 1e-2
+        assert not torch.equal(fused, base), "the update changes the output"
+
+
 def test_one_token_passes_take_the_kernel_and_longer_ones_keep_bitsandbytes(tiny_model_dir: Path) -> None:
     from app.llm.loader import ModelSpec, load_model
     from app.llm.triton_nf4 import enable
