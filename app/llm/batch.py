@@ -77,12 +77,11 @@ class SlotCache:
             keys[row, :, :length] = k[0, :, start : start + length]
             values[row, :, :length] = v[0, :, start : start + length]
 
-    def gather(self, rows: Sequence[int]) -> None:
-        """Rows `rows` (ascending) become rows 0..len-1."""
-        index = torch.tensor(list(rows), device=self.row_ids.device)
+    def gather(self, rows: torch.Tensor) -> None:
+        """Rows `rows` (ascending, on the device) become rows 0..len-1."""
         for buffers in (self.keys, self.values):
             for buffer in buffers:
-                buffer[: len(rows)] = buffer.index_select(0, index)
+                buffer[: len(rows)] = buffer.index_select(0, rows)
 
     def grow(self, length: int) -> None:
         for buffers in (self.keys, self.values):
@@ -107,8 +106,9 @@ class DecodeBatch:
         self.rows: list[Any] = []
         self.positions: list[int] = []  # the position of each row's next token (= its cache length)
         self.cache: SlotCache | None = None
-        # Each step's inputs, in one device tensor so the host copies them with one transfer, and so
-        # a graph's replay reads them from the same memory every time: token, position, adapter slot.
+        # Each step's inputs, in one device tensor so that a graph's replay reads them from the same
+        # memory every time: token, position, adapter slot. The tokens stay on the device from one
+        # step to the next (`feed`); the host copies the positions and slots in one transfer.
         self._inputs = torch.zeros((3, capacity), dtype=torch.long, device=device)
         self._column_ids = torch.zeros(0, dtype=torch.long, device=device)
         self.graphs = DecodeGraphs(device) if cuda_graphs and device.type == "cuda" else None
@@ -116,34 +116,40 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, row: Any, cache: Any, length: int, start: int = 0) -> None:
-        """Add a prefilled sequence: `cache` (a transformers cache of one row) holds its `length`
-        tokens from column `start` (prompts prefilled together are packed end to end)."""
+    def add(self, row: Any, token: int, cache: Any, length: int, start: int = 0) -> None:
+        """Add a prefilled sequence whose next input is `token`: `cache` (a transformers cache of
+        one row) holds its `length` tokens from column `start` (prompts prefilled together are
+        packed end to end)."""
         layers = prefill_layers(cache)
         if self.cache is None:
             self.cache = SlotCache(layers, self.capacity, self._length_for(length + 1, FIRST_LENGTH))
         self._reserve(length + 1)
         self.cache.put(len(self.rows), layers, length, start)
+        self._inputs[0, len(self.rows)] = token
         self.rows.append(row)
         self.positions.append(length)
+
+    def feed(self, tokens: torch.Tensor) -> None:
+        """The next step's input tokens of rows 0..len-1, on the device (the last step's choices):
+        the host need not read them before launching it."""
+        self._inputs[0, : tokens.numel()].copy_(tokens)
 
     def keep(self, indices: Sequence[int]) -> None:
         """Keep only these rows (ascending), moved up to rows 0..len-1."""
         if list(indices) == list(range(len(self.rows))):
             return
         if indices and self.cache is not None:
-            self.cache.gather(indices)
+            kept = torch.tensor(list(indices), device=self.device)
+            self.cache.gather(kept)
+            self._inputs[0, : len(indices)] = self._inputs[0].index_select(0, kept)
         self.rows = [self.rows[i] for i in indices]
         self.positions = [self.positions[i] for i in indices]
 
     def step(
-        self,
-        tokens: Sequence[int],
-        slots: Sequence[int] | None,
-        forward: Callable[..., Any],
-        structure: Hashable = None,
+        self, slots: Sequence[int] | None, forward: Callable[..., Any], structure: Hashable = None
     ) -> torch.Tensor:
-        """One forward pass feeding row i `tokens[i]` (adapter slot `slots[i]`; None: no adapters).
+        """One forward pass feeding each row its next token (given to `add` or `feed`), row i with
+        adapter slot `slots[i]` (None: no adapters).
 
         `forward(slots, **model_inputs)` runs the model; `structure` names what a captured graph
         depends on besides the shapes (the adapters' buffers). Returns the next-token logits,
@@ -153,12 +159,13 @@ class DecodeBatch:
         n = len(self.rows)
         self._reserve(max(self.positions) + 1)
         batch = n if self.graphs is None else _bucket(n, self.capacity)
-        host = torch.zeros((3, batch), dtype=torch.long)
-        host[0, :n] = torch.tensor(tokens)
-        host[1, :n] = torch.tensor(self.positions)
+        # A new pinned buffer each step: the copy is queued behind the steps the GPU has not run
+        # yet, without the host waiting for them (PyTorch reuses the buffer once it is done).
+        host = torch.zeros((2, batch), dtype=torch.long, pin_memory=self.device.type == "cuda")
+        host[0, :n] = torch.tensor(self.positions)
         if slots is not None:
-            host[2, :n] = torch.tensor(slots)
-        self._inputs[:, :batch].copy_(host, non_blocking=True)
+            host[1, :n] = torch.tensor(slots)
+        self._inputs[1:, :batch].copy_(host, non_blocking=True)
         with_lora = slots is not None
 
         def run(columns: int) -> torch.Tensor:

@@ -213,7 +213,6 @@ class _Sequence:
         self.fed = 0  # prompt tokens that went through the model so far (prefill may take rounds)
         self.passed_over = 0  # prefill rounds that spent their budget on others while it waited
         self.cache: Any = None  # its own KV cache while prefilling; then a row of the decode batch
-        self.next_token = -1  # sampled and streamed, to be fed at the next decoding step
         self.generated = 0
         self.done = False
         self.detokenizer = IncrementalDetokenizer(model.tokenizer, request.prompt_ids)
@@ -306,6 +305,7 @@ class GenerationEngine:
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []  # admitted: prefilling or in the decode batch
         self._prefilling: collections.deque[_Sequence] = collections.deque()
+        self._unread: _Step | None = None  # the decoding step in flight, its tokens not yet streamed
         self._batch = DecodeBatch(
             model.device, capacity=max_running, max_length=model.context_window, cuda_graphs=cuda_graphs
         )
@@ -685,8 +685,7 @@ class GenerationEngine:
         """A prompt is in: stream its first token and move its cache into the decoding batch."""
         seq.cache = None
         if self._accept(seq, token):
-            seq.next_token = token
-            self._batch.add(seq, cache, seq.prompt_len, start)
+            self._batch.add(seq, token, cache, seq.prompt_len, start)
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -698,18 +697,27 @@ class GenerationEngine:
         return None if slots is None else torch.tensor(slots, device=self.model.device)
 
     def _decode(self) -> None:
-        """One forward pass for the whole batch; each row samples its next token."""
-        rows = self._batch.rows
+        """Launch one forward pass for the whole batch, each row choosing its next token on the
+        device; then, while the GPU runs it, stream the tokens of the step before.
+
+        The step's input tokens are the last step's choices, already on the device, so the host
+        launches it without reading them first: its own work (detokenizing, stop sequences,
+        streaming, metrics; about a millisecond per step on the GPU machine, as long as a fifth of
+        a one-stream step) overlaps the GPU's instead of adding to it. A sequence that the tokens
+        read end (end of text, a stop sequence, its length) has taken part in one step too many;
+        that step's token for it is never read, and it leaves the batch at the end of the round.
+        """
+        rows = list(self._batch.rows)
         started = time.perf_counter()
         try:
             logits = self._batch.step(
-                [seq.next_token for seq in rows],
                 self.adapters.slots([seq.adapter_key for seq in rows]),
                 self._forward,
                 structure=self.adapters.lora.version,
             )
-            greedy = logits.argmax(dim=-1).tolist()  # one device sync for every greedy row
         except Exception as error:
+            self._stream_step(self._unread)  # its tokens were chosen before this failure
+            self._unread = None
             if isinstance(error, torch.OutOfMemoryError) and len(rows) > 1:
                 # Make room by ending the newest sequence alone; the others retry next round.
                 self._fail(rows[-1], error)
@@ -717,14 +725,35 @@ class GenerationEngine:
                 for seq in rows:
                     self._fail(seq, error)
             return
-        for row, seq in enumerate(rows):
-            sampled = seq.params.temperature >= GREEDY_BELOW
-            token = sample_token(logits[row], seq.params, seq.generator) if sampled else greedy[row]
-            if not seq.done and self._accept(seq, token):
-                seq.next_token = token
+        try:
+            chosen = choose_tokens(logits, [seq.params for seq in rows], [seq.generator for seq in rows])
+            self._batch.feed(chosen)
+            launched = _Step(rows, chosen, started)
+        except Exception as error:  # the step ran, but its rows have no next token: they end here
+            self._stream_step(self._unread)
+            self._unread = None
+            for seq in rows:
+                self._fail(seq, error)
+            return
+        previous, self._unread = self._unread, launched
+        self._stream_step(previous)
+
+    def _stream_step(self, step: _Step | None) -> None:
+        """Stream a launched step's tokens (waiting for them) to its rows that are still going."""
+        if step is None:
+            return
+        try:
+            tokens = step.tokens()
+        except Exception as error:  # the GPU failed the step after its launch
+            for seq in step.rows:
+                self._fail(seq, error)
+            return
+        for seq, token in zip(step.rows, tokens, strict=True):
+            if not seq.done:
+                self._accept(seq, token)
         with self._cond:
             waiting = len(self._waiting)
-        self.metrics.step(len(rows), waiting, len(rows), time.perf_counter() - started)
+        self.metrics.step(len(step.rows), waiting, len(step.rows), time.perf_counter() - step.started)
 
     def _forward(
         self, slots: torch.Tensor | None, *, cache: Any, logits_to_keep: int | torch.Tensor = 1, **inputs: Any
@@ -808,14 +837,56 @@ def cache_keyword(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+class _Step:
+    """A decoding step launched on the device, its tokens not yet read by the host."""
+
+    def __init__(self, rows: list[_Sequence], chosen: torch.Tensor, started: float) -> None:
+        self.rows = rows
+        self.started = started
+        self._ready: torch.cuda.Event | None = None
+        if chosen.is_cuda:
+            # Copied into pinned memory behind the step, so that waiting for these tokens does not
+            # wait for the steps launched after it.
+            self._host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+            self._host.copy_(chosen, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = chosen
+
+    def tokens(self) -> list[int]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
+
+
+def choose_tokens(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+) -> torch.Tensor:
+    """Each row's next token ([rows] logits -> [rows] on the same device), without a host sync."""
+    chosen = logits.argmax(dim=-1)
+    for row, (row_params, generator) in enumerate(zip(params, generators, strict=True)):
+        if row_params.temperature >= GREEDY_BELOW:
+            chosen[row] = sample(logits[row], row_params, generator)
+    return chosen
+
+
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Greedy at temperature 0; otherwise temperature and nucleus (top-p) sampling."""
+    return int(sample(logits, params, generator))
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """`sample_token`'s choice as a 0-d tensor on the logits' device, without a host sync."""
     if params.temperature < GREEDY_BELOW:
-        return int(logits.argmax())
+        return logits.argmax()
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    # What torch.multinomial(probs, 1) draws, from the same random numbers (the exponential race),
+    # without the check of the probabilities it first reads back to the host.
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax()

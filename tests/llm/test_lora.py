@@ -103,26 +103,29 @@ def test_on_a_gpu_decoding_steps_use_the_triton_kernels_and_give_the_masked_prod
 def test_on_a_gpu_one_stream_has_the_4bit_kernel_add_its_adapter(
     tiny_model_dir: Path, adapters: list[AdapterRef], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """tests/llm/test_triton_nf4.py checks the kernel's sums bit by bit; this, that the model's
+    one-stream steps take it, and what they give."""
     from app.llm import triton_lora, triton_nf4
 
     served = load_model(ModelSpec(str(tiny_model_dir), device="cuda"))
     resident = ResidentAdapters(served.model, max_resident=3)
     for ref in adapters:
         resident.acquire(ref)
+    assert triton_nf4.enable(served.model) > 0
     ids = torch.tensor([[42]], device="cuda")  # one stream's decoding step
     expands: list[int] = []
     real_expand = triton_lora.expand
     monkeypatch.setattr(triton_lora, "expand", lambda y, update: expands.append(1) or real_expand(y, update))
     with torch.no_grad():
-        separate = {ref.key: resident.forward([ref.key], input_ids=ids).logits for ref in adapters}
-        assert expands, "before the 4-bit kernel is on, the expand kernel adds each update"
-        expands.clear()
-        assert triton_nf4.enable(served.model) > 0
         fused = {ref.key: resident.forward([ref.key], input_ids=ids).logits for ref in adapters}
         bare = resident.forward([None], input_ids=ids).logits
+        lora.TRITON_MAX_TOKENS, kept = 0, lora.TRITON_MAX_TOKENS  # the masked products instead
+        try:
+            masked = {ref.key: resident.forward([ref.key], input_ids=ids).logits for ref in adapters}
+        finally:
+            lora.TRITON_MAX_TOKENS = kept
     assert expands == [], "every adapted layer is 4-bit: its kernel added the update"
     for key, logits in fused.items():
-        # bitsandbytes' one-row product against the kernel's: a step or two of bf16 at the logits' scale
-        assert (logits - separate[key]).abs().max() <= 2e-2 * separate[key].abs().max()
-        assert logits.argmax(-1).tolist() == separate[key].argmax(-1).tolist()
+        # the same 4-bit products; bf16 rounding of other orders of additions in the LoRA update
+        assert (logits - masked[key]).abs().max() <= 2e-2 * masked[key].abs().max()
         assert not torch.allclose(logits.float(), bare.float(), atol=1e-2), "the adapter changes the row"
