@@ -11,6 +11,9 @@ in one CUDA graph and replayed, as the server runs a step:
 - nf4_gemv:     one row only: the Triton kernel with byte-permute lookups (app/llm/triton_nf4.py)
                 that the server uses for one-token passes; `--sweep` times its tile configurations
                 per shape
+- nf4_matmul:   2 to 64 rows: the Triton kernel that looks the codes up the same way into a bf16
+                tile in registers and multiplies it on the tensor cores (the server's passes of a
+                few tokens); `--sweep` times its tile configurations at 32 rows
 
 Tried and dropped, measured with earlier versions of this script on an H200 (docs/benchmarks.md):
 a Triton kernel with the NF4 lookup in registers (commit 1370869, results
@@ -83,7 +86,7 @@ def main() -> int:
             for shape, g in layers.items()
         }
     results: dict[str, object] = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    ways = ["bnb", "dequantized", "nf4_gemv"]
+    ways = ["bnb", "dequantized", "nf4_gemv", "nf4_matmul"]
     gemv_weights = {shape: [triton_nf4.Nf4Weight.of(m) for m in g] for shape, g in layers.items()}
     model_ms: dict[str, dict[int, float]] = {way: {} for way in ways}
     for rows in [int(r) for r in args.rows.split(",")]:
@@ -101,6 +104,11 @@ def main() -> int:
                 fns["nf4_gemv"] = lambda x=x, ws=gemv_weights[(k, n)]: [triton_nf4.nf4_gemv(x, w) for w in ws]
                 if args.sweep:
                     line["sweep"] = sweep(x, gemv_weights[(k, n)], reference, scale)
+            elif rows <= triton_nf4.MAX_ROWS:
+                ws = gemv_weights[(k, n)]
+                fns["nf4_matmul"] = lambda x=x, ws=ws: [triton_nf4.nf4_matmul(x, w) for w in ws]
+                if args.sweep and rows == 32:
+                    line["sweep"] = sweep_matmul(x, gemv_weights[(k, n)], reference, scale)
             per_layer: dict[str, float] = {}
             for way, fn in fns.items():
                 with torch.no_grad():
@@ -110,7 +118,7 @@ def main() -> int:
                 per_layer[way] = seconds / LAYERS
                 line[f"{way}_us"] = round(seconds / LAYERS * 1e6, 1)
                 line[f"{way}_max_diff"] = round(float((got - reference).abs().max()) / scale, 5)
-            for way in ("bnb", "nf4_gemv"):
+            for way in ("bnb", "nf4_gemv", "nf4_matmul"):
                 if way in per_layer:  # GB/s of 4-bit weights
                     line[f"{way}_gb_per_s"] = round(n * k / 2 / per_layer[way] / 1e9)
             print(json.dumps(line), flush=True)
@@ -150,6 +158,36 @@ def sweep(x: torch.Tensor, weights: list, reference: torch.Tensor, scale: float)
                 got = triton_nf4.nf4_gemv(x, weights[0], config).float()
                 seconds = time_graph(
                     lambda c=config: [triton_nf4.nf4_gemv(x, w, c) for w in weights], replays=20
+                )
+        except Exception as error:  # a configuration the compiler refuses
+            print(json.dumps({"config": str(config), "error": repr(error)[:300]}), flush=True)
+            continue
+        timed.append(
+            {
+                "us": round(seconds / len(weights) * 1e6, 1),
+                "config": str(config),
+                "max_diff": round(float((got - reference).abs().max()) / scale, 5),
+            }
+        )
+    return sorted(timed, key=lambda t: t["us"])[:5]
+
+
+def sweep_matmul(
+    x: torch.Tensor, weights: list, reference: torch.Tensor, scale: float
+) -> list[dict[str, object]]:
+    """nf4_matmul's tile configurations on one shape's layers, fastest first (the top 5)."""
+    import itertools
+
+    from app.llm import triton_nf4
+
+    timed = []
+    for block_n, warps, stages in itertools.product((32, 64, 128), (4, 8), (2, 3)):
+        config = triton_nf4.MatmulConfig(block_n, warps, stages)
+        try:
+            with torch.no_grad():
+                got = triton_nf4.nf4_matmul(x, weights[0], config).float()
+                seconds = time_graph(
+                    lambda c=config: [triton_nf4.nf4_matmul(x, w, c) for w in weights], replays=10
                 )
         except Exception as error:  # a configuration the compiler refuses
             print(json.dumps({"config": str(config), "error": repr(error)[:300]}), flush=True)

@@ -250,6 +250,8 @@ def install_triton_kernels(model: Any, device: torch.device) -> None:
     that does not compile or computes something else stays off, and the model keeps that code.
 
     - the one-row 4-bit matmul, for one stream (app/llm/triton_nf4.py): bitsandbytes' otherwise;
+    - the 4-bit matmul of 2 to 64 rows on the tensor cores, for several streams (triton_nf4.py),
+      where bitsandbytes dequantizes every whole weight to bf16 first;
     - Falcon's rotary embedding in one kernel where transformers launches ten (triton_rotary.py);
     - layer norm of a few rows, a whole row loaded at once (triton_norm.py), where PyTorch's took
       9 us for one row on an H200.
@@ -261,6 +263,7 @@ def install_triton_kernels(model: Any, device: torch.device) -> None:
         return
     installs: list[tuple[str, Callable[[], object]]] = [
         ("one-row NF4", lambda: triton_nf4.enable(model)),
+        ("NF4 matmul of a few rows", lambda: triton_nf4.enable_rows(model)),
         ("rotary", lambda: triton_rotary.install(device)),
         ("layer norm", lambda: triton_norm.install(model)),
     ]

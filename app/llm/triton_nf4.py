@@ -79,6 +79,7 @@ class Nf4Weight:
     table: torch.Tensor  # int32 [4]: the table registers passed to it (see lookup_asm)
     n: int
     k: int
+    matmul_asm: str = ""  # nf4_matmul's lookup (word_to_bf16_asm)
 
     @classmethod
     def of(cls, layer: Any) -> Nf4Weight | None:  # a bitsandbytes Linear4bit
@@ -108,6 +109,7 @@ class Nf4Weight:
             table=_table_registers(code_bits, layer.weight.device),
             n=n,
             k=k,
+            matmul_asm=word_to_bf16_asm(code_bits),
         )
 
 
@@ -309,6 +311,119 @@ def nf4_gemv(
     return out.view(*x.shape[:-1], weight.n)
 
 
+@dataclass(frozen=True)
+class MatmulConfig:
+    block_n: int = 64  # weight rows per program
+    warps: int = 4
+    stages: int = 3
+
+
+MATMUL_CONFIG = MatmulConfig()
+MAX_ROWS = 64  # input rows the tensor-core kernel takes; longer passes (prompts) keep bitsandbytes'
+
+
+@functools.cache
+def word_to_bf16_asm(code_bits: tuple[int, ...]) -> str:
+    """PTX for one packed word: $0..$7 = the bf16 values of its eight weights, in order.
+
+    The lookup is `lookup_asm`'s, the table in immediates (this kernel spends its time in the
+    tensor cores and memory, not here); each interleaved pair holds weights 2b + 1 and 2b.
+    """
+    low, high = table_words(code_bits)
+    table = "".join(f"mov.b32 t{i}, {word:#010x};\n" for i, word in enumerate(low + high))
+
+    def half(codes: str, select: str, first: int) -> str:
+        return f"""
+prmt.b32 ca, t0, t1, {codes};
+prmt.b32 cb, t2, t3, {codes};
+prmt.b32 clo, ca, cb, {select};
+prmt.b32 ca, t4, t5, {codes};
+prmt.b32 cb, t6, t7, {codes};
+prmt.b32 chi, ca, cb, {select};
+prmt.b32 cp, clo, chi, 0x5140;
+mov.b32 {{${first + 1}, ${first}}}, cp;
+prmt.b32 cp, clo, chi, 0x7362;
+mov.b32 {{${first + 3}, ${first + 2}}}, cp;
+"""
+
+    return (
+        "{\n.reg .b32 t0, t1, t2, t3, t4, t5, t6, t7, cs, csel, cs2, csel2, ca, cb, clo, chi, cp;\n"
+        + table
+        + "and.b32 cs, $8, 0x77777777;\n"
+        + "shr.u32 csel, $8, 1;\n"
+        + "and.b32 csel, csel, 0x44444444;\n"
+        + "or.b32 csel, csel, 0x32103210;\n"
+        + "shr.u32 cs2, cs, 16;\n"
+        + "shr.u32 csel2, csel, 16;\n"
+        + half("cs", "csel", 0)
+        + half("cs2", "csel2", 4)
+        + "}"
+    )
+
+
+@triton.jit
+def _nf4_matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, out_ptr, rows, n_out, offset, x_stride,
+                out_stride, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                ASM: tl.constexpr):  # fmt: skip
+    # out[m, n] = sum over k of x[m, k] * code[w[n, k]] * scale[n, k // 64], one 64-weight block
+    # (one scale) per iteration: its codes become a [BLOCK_N, 64] bf16 tile in registers, the
+    # tensor cores multiply it by the input, and the block's scale multiplies the product.
+    WORDS: tl.constexpr = K // 8
+    BLOCKS: tl.constexpr = K // 64
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_read = tl.minimum(n, n_out - 1)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < rows
+    # The tile's column col holds weight k of the block: col = 32h + 16b1 + 8b0 + 2c + j for
+    # k = 16c + 8h + 4b1 + 2b0 + j (word 2c + h, byte 2b1 + b0, nibble j), so that the eight
+    # lookups of one word land where one thread holds them for the tensor cores.
+    col = tl.arange(0, 64)
+    k_of_col = 16 * (col // 2 % 4) + 8 * (col // 32) + 4 * (col // 16 % 2) + 2 * (col // 8 % 2) + col % 2
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for b in range(0, BLOCKS):
+        words = tl.load(w_ptr + n_read[:, None] * WORDS + (b * 8 + tl.arange(0, 8))[None, :])
+        words = tl.reshape(words, [BLOCK_N, 4, 2])  # [n, c, h]: word 2c + h
+        o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+            ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words], (tl.bfloat16,) * 8, is_pure=True, pack=1
+        )
+        q01 = tl.join(tl.join(o0, o1), tl.join(o2, o3))  # [n, c, h, j, b0]
+        q23 = tl.join(tl.join(o4, o5), tl.join(o6, o7))
+        t = tl.permute(tl.join(q01, q23), [0, 2, 5, 4, 1, 3])  # [n, h, b1, b0, c, j]
+        codes = tl.reshape(t, [BLOCK_N, 64])
+        x_at = x_ptr + m[None, :] * x_stride + (b * 64 + k_of_col)[:, None]
+        xk = tl.load(x_at, mask=m_ok[None, :], other=0.0)  # [64, BLOCK_M], in the tile's order
+        index = n_read * BLOCKS + b
+        scale = (
+            tl.load(code2_ptr + tl.load(absmax_ptr + index).to(tl.int32))
+            * tl.load(absmax2_ptr + index // 256)
+            + offset
+        )
+        acc += tl.dot(codes, xk) * scale[:, None]
+    out = out_ptr + m[None, :] * out_stride + n[:, None]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & (n < n_out)[:, None])
+
+
+def nf4_matmul(x: torch.Tensor, weight: Nf4Weight, config: MatmulConfig | None = None) -> torch.Tensor:
+    """x [..., K] of up to MAX_ROWS rows (bf16) times the NF4 weight's transpose, on the tensor
+    cores: [..., N] in x's dtype."""
+    config = config or MATMUL_CONFIG
+    x2 = x.reshape(-1, weight.k)
+    if x2.dtype != torch.bfloat16:
+        raise TypeError(f"nf4_matmul takes bf16 input, not {x2.dtype}")
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    block_m = max(16, triton.next_power_of_2(rows))  # the tensor cores' smallest tile
+    out = torch.empty((rows, weight.n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(weight.n, config.block_n), triton.cdiv(rows, block_m))
+    _nf4_matmul[grid](
+        x2, weight.words, weight.absmax, weight.absmax2, weight.code2, out, rows, weight.n, weight.offset,
+        x2.stride(0), out.stride(0), K=weight.k, BLOCK_M=block_m, BLOCK_N=config.block_n,
+        ASM=weight.matmul_asm, num_warps=config.warps, num_stages=config.stages,
+    )  # fmt: skip
+    return out.view(*x.shape[:-1], weight.n)
+
+
 def enable(model: nn.Module) -> int:
     """Give the model's NF4 layers on a CUDA device this kernel for one-token passes; returns how
     many layers took it. Other layers (FP4, other block sizes, the CPU) keep their own path.
@@ -339,38 +454,72 @@ def enable(model: nn.Module) -> int:
     return len(layers)
 
 
-def check(layer: Any, weight: Nf4Weight) -> None:
-    """Raise KernelMismatch unless the kernel gives `layer`'s product within bf16 rounding."""
+def enable_rows(model: nn.Module) -> int:
+    """Give the layers that have the one-row kernel (`enable`) `nf4_matmul` for passes of 2 to
+    MAX_ROWS tokens (decoding steps of several streams, short prompts); returns how many took it.
+
+    Checked on the first layer as `enable` is, and switched on for none if it fails there.
+    Layers with a dequantized copy (app/llm/dequantized.py) keep it for those passes.
+    """
+    layers: list[Any] = [m for m in model.modules() if hasattr(m, "nf4_weight")]
+    layers = [m for m in layers if not hasattr(m, "nf4_rows")]
+    if not layers:
+        return 0
+    check(layers[0], layers[0].nf4_weight, rows=5)
+    for module in layers:
+        module.nf4_rows = MAX_ROWS
+    return len(layers)
+
+
+def check(layer: Any, weight: Nf4Weight, rows: int = 1) -> None:
+    """Raise KernelMismatch unless the kernel for `rows` rows (`nf4_gemv` for one, `nf4_matmul`
+    for more) gives `layer`'s product within bf16 rounding."""
     from bitsandbytes import functional as F
 
     with torch.no_grad():
         generator = torch.Generator(device=weight.words.device).manual_seed(0)
-        x = torch.randn(1, weight.k, generator=generator, device=weight.words.device).to(torch.bfloat16)
+        x = torch.randn(rows, weight.k, generator=generator, device=weight.words.device).to(torch.bfloat16)
         dense = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
         expected = x.float() @ dense.t()
-        got = nf4_gemv(x, weight).float()
+        got = (nf4_gemv(x, weight) if rows == 1 else nf4_matmul(x, weight)).float()
     error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-6))
     if not error < 2e-2:  # bf16 output and codes: about 1e-2 at most
+        name = "one-row kernel" if rows == 1 else f"matmul kernel ({rows} rows)"
         raise KernelMismatch(
-            f"the NF4 one-row kernel is off by {error:.3g} (relative) on a {weight.n}x{weight.k} layer"
+            f"the NF4 {name} is off by {error:.3g} (relative) on a {weight.n}x{weight.k} layer"
         )
 
 
-def one_row(layer: Any, x: torch.Tensor) -> bool:
-    """Whether `layer` (a bitsandbytes Linear4bit) computes `x` with this kernel: the kernel is
-    enabled on it and x is one token in bf16 (a decoding step of one stream). Not on the first
-    call: bitsandbytes sets the layer up there."""
+def _takes(layer: Any, x: torch.Tensor) -> bool:
+    # Not on the first call: bitsandbytes sets the layer up there.
     return (
         hasattr(layer, "nf4_weight")
-        and x.numel() == x.shape[-1]
         and x.dtype == torch.bfloat16
         and layer.compute_type_is_set
         and layer.compute_dtype in (None, torch.bfloat16)
     )
 
 
+def one_row(layer: Any, x: torch.Tensor) -> bool:
+    """Whether `layer` (a bitsandbytes Linear4bit) computes `x` with `nf4_gemv`: the kernel is
+    enabled on it and x is one token in bf16 (a decoding step of one stream)."""
+    return x.numel() == x.shape[-1] and _takes(layer, x)
+
+
+def _few_rows(layer: Any, x: torch.Tensor) -> bool:
+    rows = x.numel() // x.shape[-1]
+    return (
+        1 < rows <= getattr(layer, "nf4_rows", 0)
+        and not hasattr(layer, "dequantized_weight")  # cuBLAS on the copy is faster still
+        and _takes(layer, x)
+    )
+
+
 def _forward(layer: Any, previous: Any, x: torch.Tensor) -> torch.Tensor:
-    if not one_row(layer, x):
+    if one_row(layer, x):
+        out = nf4_gemv(x, layer.nf4_weight)
+    elif _few_rows(layer, x):
+        out = nf4_matmul(x, layer.nf4_weight)
+    else:
         return previous(x)
-    out = nf4_gemv(x, layer.nf4_weight)
     return out if layer.bias is None else out + layer.bias.to(out.dtype)

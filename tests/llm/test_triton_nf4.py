@@ -81,6 +81,26 @@ def test_the_kernel_adds_an_adapters_update_as_the_expand_kernel_would(k: int, n
         assert not torch.equal(fused, base), "the update changes the output"
 
 
+@pytest.mark.parametrize("k,n", [(4544, 4672), (18176, 4544), (4544, 18176), (256, 90)])
+def test_the_matmul_kernel_gives_bitsandbytes_dequantized_product(k: int, n: int) -> None:
+    from bitsandbytes import functional as F
+
+    from app.llm.triton_nf4 import MatmulConfig, Nf4Weight, nf4_matmul
+
+    layer = nf4_layer(k, n, seed=k + n + 1)
+    weight = Nf4Weight.of(layer)
+    assert weight is not None
+    dense = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    for rows in (2, 5, 17, 32, 64):
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        expected = x.float() @ dense.t()
+        scale = expected.abs().max()
+        for config in (None, MatmulConfig(block_n=32, warps=4, stages=2), MatmulConfig(block_n=128, warps=8)):
+            got = nf4_matmul(x, weight, config).float()
+            assert got.shape == (rows, n)
+            assert float((got - expected).abs().max() / scale) < 1e-2, (rows, config)
+
+
 def test_one_token_passes_take_the_kernel_and_longer_ones_keep_bitsandbytes(tiny_model_dir: Path) -> None:
     from app.llm.loader import ModelSpec, load_model
     from app.llm.triton_nf4 import enable
@@ -120,3 +140,46 @@ def test_a_kernel_that_computes_something_else_is_not_switched_on(
     with pytest.raises(KernelMismatch, match="off by"):
         triton_nf4.enable(served.model)
     assert not any(hasattr(m, "nf4_weight") for m in served.model.modules())
+
+
+def test_passes_of_a_few_tokens_take_the_matmul_kernel_and_prompts_keep_bitsandbytes(
+    tiny_model_dir: Path,
+) -> None:
+    from app.llm.loader import ModelSpec, load_model
+    from app.llm.triton_nf4 import MAX_ROWS, enable, enable_rows
+
+    served = load_model(ModelSpec(str(tiny_model_dir), device="cuda"))
+    model = served.model
+    few = torch.tensor([[5], [17], [42]], device="cuda")  # a decoding step of three streams
+    prompt = torch.arange(3, 3 + MAX_ROWS + 1, device="cuda")[None]  # one token more than it takes
+    with torch.no_grad():
+        few_before, prompt_before = model(few).logits, model(prompt).logits
+        assert enable_rows(model) == 0, "only layers that have the one-row kernel"
+        enable(model)
+        layers = enable_rows(model)
+        assert layers == sum(1 for m in model.modules() if hasattr(m, "nf4_rows")) > 0
+        few_after, prompt_after = model(few).logits, model(prompt).logits
+        assert torch.equal(prompt_after, prompt_before), "longer passes are bitsandbytes' own"
+        # bf16 rounding of another order of additions: a step or two of bf16 at the logits' scale
+        assert (few_after - few_before).abs().max() <= 2e-2 * few_before.abs().max()
+        layer = next(m for m in model.modules() if hasattr(m, "nf4_rows"))
+        layer.nf4_weight.words.bitwise_not_()
+        assert not torch.allclose(model(few).logits.float(), few_after.float(), atol=1e-3)
+        layer.nf4_weight.words.bitwise_not_()
+
+
+def test_a_matmul_kernel_that_computes_something_else_is_not_switched_on(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.llm import triton_nf4
+    from app.llm.loader import ModelSpec, load_model
+    from app.llm.triton_common import KernelMismatch
+
+    served = load_model(ModelSpec(str(tiny_model_dir), device="cuda"))
+    wrong = tuple(range(16))  # a lookup table that is not the layers' NF4 values
+    real = triton_nf4.word_to_bf16_asm
+    monkeypatch.setattr(triton_nf4, "word_to_bf16_asm", lambda code_bits: real(wrong))
+    assert triton_nf4.enable(served.model) > 0  # the one-row kernel's own check passes
+    with pytest.raises(KernelMismatch, match="matmul kernel"):
+        triton_nf4.enable_rows(served.model)
+    assert not any(hasattr(m, "nf4_rows") for m in served.model.modules())
