@@ -454,18 +454,39 @@ def enable(model: nn.Module) -> int:
     return len(layers)
 
 
-def enable_rows(model: nn.Module) -> int:
-    """Give the layers that have the one-row kernel (`enable`) `nf4_matmul` for passes of 2 to
-    MAX_ROWS tokens (decoding steps of several streams, short prompts); returns how many took it.
+def enable_rows(model: nn.Module, min_programs: int | None = None) -> int:
+    """Give `nf4_matmul` to the layers that have the one-row kernel (`enable`) and are wide enough
+    for it, for passes of 2 to MAX_ROWS tokens (decoding steps of several streams, short prompts);
+    returns how many took it.
 
-    Checked on the first layer as `enable` is, and switched on for none if it fails there.
+    Wide enough: one program per BLOCK_N output rows fills every SM (or `min_programs`). On an
+    H200, Falcon-7B's MLP up projection (18,176 rows: 284 programs) took 57 to 83 us against
+    bitsandbytes' 63 to 145 (2 to 64 rows); the 4,544-row layers (71 programs, one per SM at most,
+    each waiting on its own loads) took 41 to 184 us against 20 to 150, slower
+    (bench/nf4_kernels.py, docs/benchmarks.md).
+    Checked on the first such layer as `enable` is, and switched on for none if it fails there;
+    then compiled for every tile height it will meet, so that no step waits for the compiler.
     Layers with a dequantized copy (app/llm/dequantized.py) keep it for those passes.
     """
     layers: list[Any] = [m for m in model.modules() if hasattr(m, "nf4_weight")]
-    layers = [m for m in layers if not hasattr(m, "nf4_rows")]
+    if not layers:
+        return 0
+    if min_programs is None:
+        min_programs = torch.cuda.get_device_properties(layers[0].weight.device).multi_processor_count
+    layers = [
+        m
+        for m in layers
+        if not hasattr(m, "nf4_rows") and triton.cdiv(m.nf4_weight.n, MATMUL_CONFIG.block_n) >= min_programs
+    ]
     if not layers:
         return 0
     check(layers[0], layers[0].nf4_weight, rows=5)
+    shapes = {(m.nf4_weight.n, m.nf4_weight.k): m.nf4_weight for m in layers}
+    with torch.no_grad():
+        for weight in shapes.values():
+            for rows in (16, 32, MAX_ROWS):  # each tile height `nf4_matmul` picks
+                x = torch.zeros(rows, weight.k, dtype=torch.bfloat16, device=weight.words.device)
+                nf4_matmul(x, weight)
     for module in layers:
         module.nf4_rows = MAX_ROWS
     return len(layers)
