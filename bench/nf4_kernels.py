@@ -29,10 +29,13 @@ Values are checked against bitsandbytes' dequantized weight times the input in f
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -103,12 +106,14 @@ def main() -> int:
             if rows == 1:
                 fns["nf4_gemv"] = lambda x=x, ws=gemv_weights[(k, n)]: [triton_nf4.nf4_gemv(x, w) for w in ws]
                 if args.sweep:
-                    line["sweep"] = sweep(x, gemv_weights[(k, n)], reference, scale)
+                    line["sweep"] = sweep(
+                        triton_nf4.nf4_gemv, gemv_configs(), x, gemv_weights[(k, n)], reference, scale
+                    )
             elif rows <= triton_nf4.MAX_ROWS:
                 ws = gemv_weights[(k, n)]
                 fns["nf4_matmul"] = lambda x=x, ws=ws: [triton_nf4.nf4_matmul(x, w) for w in ws]
                 if args.sweep and rows == 32:
-                    line["sweep"] = sweep_matmul(x, gemv_weights[(k, n)], reference, scale)
+                    line["sweep"] = sweep(triton_nf4.nf4_matmul, matmul_configs(), x, ws, reference, scale)
             per_layer: dict[str, float] = {}
             for way, fn in fns.items():
                 with torch.no_grad():
@@ -141,54 +146,35 @@ def main() -> int:
     return 0
 
 
-def sweep(x: torch.Tensor, weights: list, reference: torch.Tensor, scale: float) -> list[dict[str, object]]:
-    """nf4_gemv's tile configurations on one shape's layers, fastest first (the top 5)."""
-    import itertools
-
+def gemv_configs() -> list[Any]:
     from app.llm import triton_nf4
 
+    grid = itertools.product((4, 8, 16), (8, 16, 32), (2, 4))
+    return [triton_nf4.Config(block_n, groups, warps) for block_n, groups, warps in grid]
+
+
+def matmul_configs() -> list[Any]:
+    from app.llm import triton_nf4
+
+    grid = itertools.product((32, 64, 128), (4, 8), (2, 3))
+    return [triton_nf4.MatmulConfig(block_n, warps, stages) for block_n, warps, stages in grid]
+
+
+def sweep(
+    kernel: Callable[..., torch.Tensor],
+    configs: list[Any],
+    x: torch.Tensor,
+    weights: list,
+    reference: torch.Tensor,
+    scale: float,
+) -> list[dict[str, object]]:
+    """`kernel`'s tile configurations on one shape's layers, fastest first (the top 5)."""
     timed = []
-    configs = [
-        triton_nf4.Config(block_n, groups, warps)
-        for block_n, groups, warps in itertools.product((4, 8, 16), (8, 16, 32), (2, 4))
-    ]
     for config in configs:
         try:
             with torch.no_grad():
-                got = triton_nf4.nf4_gemv(x, weights[0], config).float()
-                seconds = time_graph(
-                    lambda c=config: [triton_nf4.nf4_gemv(x, w, c) for w in weights], replays=20
-                )
-        except Exception as error:  # a configuration the compiler refuses
-            print(json.dumps({"config": str(config), "error": repr(error)[:300]}), flush=True)
-            continue
-        timed.append(
-            {
-                "us": round(seconds / len(weights) * 1e6, 1),
-                "config": str(config),
-                "max_diff": round(float((got - reference).abs().max()) / scale, 5),
-            }
-        )
-    return sorted(timed, key=lambda t: t["us"])[:5]
-
-
-def sweep_matmul(
-    x: torch.Tensor, weights: list, reference: torch.Tensor, scale: float
-) -> list[dict[str, object]]:
-    """nf4_matmul's tile configurations on one shape's layers, fastest first (the top 5)."""
-    import itertools
-
-    from app.llm import triton_nf4
-
-    timed = []
-    for block_n, warps, stages in itertools.product((32, 64, 128), (4, 8), (2, 3)):
-        config = triton_nf4.MatmulConfig(block_n, warps, stages)
-        try:
-            with torch.no_grad():
-                got = triton_nf4.nf4_matmul(x, weights[0], config).float()
-                seconds = time_graph(
-                    lambda c=config: [triton_nf4.nf4_matmul(x, w, c) for w in weights], replays=10
-                )
+                got = kernel(x, weights[0], config).float()
+                seconds = time_graph(lambda c=config: [kernel(x, w, c) for w in weights], replays=10)
         except Exception as error:  # a configuration the compiler refuses
             print(json.dumps({"config": str(config), "error": repr(error)[:300]}), flush=True)
             continue

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from app.llm.engine import (
     EngineOverloaded,
@@ -16,6 +17,7 @@ from app.llm.engine import (
     IncrementalDetokenizer,
     SamplingParams,
     StopMatcher,
+    choose_tokens,
     install_triton_kernels,
 )
 from app.llm.loader import LoadedModel, ModelSpec, load_model
@@ -141,6 +143,25 @@ async def test_a_failing_request_fails_alone(engine: GenerationEngine, tiny_mode
     text, good_result = await good.collect()
     assert bad_result.finish_reason == "error" and "IndexError" in (bad_result.error or "")
     assert good_result.finish_reason == "length" and len(text) > 0
+
+
+def test_tokens_are_chosen_without_the_host_as_torch_multinomial_draws_them() -> None:
+    """The decoding step chooses its tokens where the logits are, so the next step can be launched
+    before the host reads them (GenerationEngine._decode): greedy rows by argmax, sampled rows from
+    the same random numbers as torch.multinomial (which reads its check back to the host)."""
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(1)) * 3
+    params = [SamplingParams(8, temperature=0.0), SamplingParams(8, temperature=0.8), SamplingParams(8, 1.3)]
+    seeds = [0, 11, 12]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    chosen = [choose_tokens(logits, params, generators) for _ in range(20)]
+    assert chosen[0].dtype == torch.long and chosen[0].shape == (3,)
+    assert {int(draws[0]) for draws in chosen} == {int(logits[0].argmax())}  # greedy: the argmax
+    for row in (1, 2):
+        generator = torch.Generator().manual_seed(seeds[row])
+        probs = torch.softmax(logits[row] / params[row].temperature, dim=-1)
+        expected = [int(torch.multinomial(probs, 1, generator=generator)) for _ in range(20)]
+        assert [int(draws[row]) for draws in chosen] == expected
+        assert len(set(expected)) > 1, "a temperature this high draws more than one token"
 
 
 def test_detokenizer_never_splits_a_character(tiny_model: LoadedModel) -> None:
