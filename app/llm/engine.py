@@ -13,11 +13,11 @@ sequence by one token, each row with its own adapter (app/llm/lora.py; rows with
 base). A sequence joins the batch when its prompt is done and leaves it the moment it finishes
 (app/llm/batch.py keeps the rows' KV caches in fixed buffers, and on a GPU the step is replayed from
 a CUDA graph, app/llm/graphs.py). Each step's tokens are chosen on the device and fed to the next
-step there, which is launched before the host reads and streams them (`_decode`). Up to `max_running` sequences are admitted, within
-`max_batch_tokens` of KV cache; further requests wait in a bounded FIFO queue, and past that
-`submit()` raises `EngineOverloaded` at once (the API turns it into 429 + Retry-After). A request
-that fails fails alone: in its prefill, or, when a batched step runs out of memory, the newest
-sequence ends and the others go on.
+step there, which is launched before the host reads and streams them (`_decode`). Up to
+`max_running` sequences are admitted, within `max_batch_tokens` of KV cache; further requests wait
+in a bounded FIFO queue, and past that `submit()` raises `EngineOverloaded` at once (the API turns
+it into 429 + Retry-After). A request that fails fails alone: in its prefill, or, when a batched
+step runs out of memory, the newest sequence ends and the others go on.
 
 Text comes out UTF-8-safe (a character split across tokens is held back until complete), and
 stop sequences are held back until they can be ruled out, so no stop text is ever streamed.
@@ -551,6 +551,10 @@ class GenerationEngine:
         if len(self._batch):
             self._decode()
         self._batch.keep([i for i, seq in enumerate(self._batch.rows) if not seq.done])
+        if not len(self._batch):
+            # Every row of the step in flight has ended: none of its tokens will be streamed, and
+            # reading it when the next request comes would time it as a step of that long.
+            self._unread = None
 
     def _prefill(self) -> None:
         """Prefill up to `prefill_chunk` prompt tokens: whole prompts packed into one forward pass,
@@ -752,12 +756,14 @@ class GenerationEngine:
             for seq in step.rows:
                 self._fail(seq, error)
             return
+        streamed = 0
         for seq, token in zip(step.rows, tokens, strict=True):
             if not seq.done:
+                streamed += 1
                 self._accept(seq, token)
         with self._cond:
             waiting = len(self._waiting)
-        self.metrics.step(len(step.rows), waiting, len(step.rows), time.perf_counter() - step.started)
+        self.metrics.step(len(step.rows), waiting, streamed, time.perf_counter() - step.started)
 
     def _forward(
         self, slots: torch.Tensor | None, *, cache: Any, logits_to_keep: int | torch.Tensor = 1, **inputs: Any
