@@ -709,11 +709,12 @@ class GenerationEngine:
         device; then, while the GPU runs it, stream the tokens of the step before.
 
         The step's input tokens are the last step's choices, already on the device, so the host
-        launches it without reading them first: its own work (detokenizing, stop sequences,
-        streaming, metrics; about a millisecond per step on the GPU machine, as long as a fifth of
-        a one-stream step) overlaps the GPU's instead of adding to it. A sequence that the tokens
-        read end (end of text, a stop sequence, its length) has taken part in one step too many;
-        that step's token for it is never read, and it leaves the batch at the end of the round.
+        launches it without reading them first: its own work (reading the tokens, detokenizing, stop
+        sequences, streaming, metrics) overlaps the GPU's instead of adding to it. On H200 machines
+        that took one stream with an adapter from 162 to 198-212 tokens/s (docs/benchmarks.md).
+        A sequence that the tokens read end (end of text, a stop sequence, its length) has taken
+        part in one step too many; that step's token for it is never read, and it leaves the batch
+        at the end of the round.
         """
         rows = list(self._batch.rows)
         started = time.perf_counter()
