@@ -154,10 +154,13 @@ def gemv_configs() -> list[Any]:
 
 
 def matmul_configs() -> list[Any]:
+    """Session 6's sweep (3 tile heights x 4 or 8 warps x 2 or 3 stages) found the default best but
+    for one shape; what it did not try is splitting the reduction, for the narrow layers."""
     from app.llm import triton_nf4
 
-    grid = itertools.product((32, 64, 128), (4, 8), (2, 3))
-    return [triton_nf4.MatmulConfig(block_n, warps, stages) for block_n, warps, stages in grid]
+    grid = itertools.product((32, 64, 128), (1, 2, 4))
+    configs = [triton_nf4.MatmulConfig(block_n, split=split) for block_n, split in grid]
+    return [*configs, triton_nf4.MatmulConfig(64, warps=8), triton_nf4.MatmulConfig(64, stages=2)]
 
 
 def sweep(

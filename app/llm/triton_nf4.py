@@ -321,6 +321,10 @@ class MatmulConfig:
     block_n: int = 64  # weight rows per program
     warps: int = 4
     stages: int = 3
+    # Programs that share one tile's reduction, each over a slice of the blocks, their fp32
+    # partial sums added after (in a fixed order: the same bits every time). More programs for
+    # narrow layers; 1 until a sweep on the GPU shows where more wins.
+    split: int = 1
 
 
 MATMUL_CONFIG = MatmulConfig()
@@ -369,7 +373,7 @@ mov.b32 {{${first + 3}, ${first + 2}}}, cp;
 @triton.jit
 def _nf4_matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, out_ptr, rows, n_out, offset, x_stride,
                 out_stride, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                ASM: tl.constexpr):  # fmt: skip
+                SPLIT: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
     # out[m, n] = sum over k of x[m, k] * code[w[n, k]] * scale[n, k // 64], one 64-weight block
     # (one scale) per iteration: its codes become a [BLOCK_N, 64] bf16 tile in registers, the
     # tensor cores multiply it by the input, and the block's scale multiplies the product.
@@ -377,7 +381,9 @@ def _nf4_matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, out_ptr, rows,
     BLOCKS: tl.constexpr = K // 64
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_read = tl.minimum(n, n_out - 1)
-    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = tl.arange(0, BLOCK_M)  # every row in one tile (BLOCK_M >= rows)
+    PER_SPLIT: tl.constexpr = (BLOCKS + SPLIT - 1) // SPLIT
+    part = tl.program_id(1)  # which slice of the blocks, with SPLIT > 1
     m_ok = m < rows
     # The tile's column col holds weight k of the block: col = 32h + 16b1 + 8b0 + 2c + j for
     # k = 16c + 8h + 4b1 + 2b0 + j (word 2c + h, byte 2b1 + b0, nibble j), so that the eight
@@ -385,7 +391,11 @@ def _nf4_matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, out_ptr, rows,
     col = tl.arange(0, 64)
     k_of_col = 16 * (col // 2 % 4) + 8 * (col // 32) + 4 * (col // 16 % 2) + 2 * (col // 8 % 2) + col % 2
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for b in range(0, BLOCKS):
+    for i in range(0, PER_SPLIT):
+        b = part * PER_SPLIT + i
+        if BLOCKS % SPLIT:  # the last slice is short: its blocks past the end add nothing
+            past_end = b >= BLOCKS
+            b = tl.minimum(b, BLOCKS - 1)
         words = tl.load(w_ptr + n_read[:, None] * WORDS + (b * 8 + tl.arange(0, 8))[None, :])
         words = tl.reshape(words, [BLOCK_N, 4, 2])  # [n, c, h]: word 2c + h
         o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
@@ -403,8 +413,11 @@ def _nf4_matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, out_ptr, rows,
             * tl.load(absmax2_ptr + index // 256)
             + offset
         )
+        if BLOCKS % SPLIT:
+            scale = tl.where(past_end, 0.0, scale)
         acc += tl.dot(codes, xk) * scale[:, None]
-    out = out_ptr + m[None, :] * out_stride + n[:, None]
+    # out_ptr is [rows, n_out] in the output's dtype, or with SPLIT > 1 [SPLIT, rows, n_out] fp32
+    out = out_ptr + part * rows * out_stride + m[None, :] * out_stride + n[:, None]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & (n < n_out)[:, None])
 
 
@@ -418,14 +431,20 @@ def nf4_matmul(x: torch.Tensor, weight: Nf4Weight, config: MatmulConfig | None =
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     rows = x2.shape[0]
+    if not 0 < rows <= MAX_ROWS:
+        raise ValueError(f"nf4_matmul takes 1 to {MAX_ROWS} rows, not {rows}")
     block_m = max(16, triton.next_power_of_2(rows))  # the tensor cores' smallest tile
+    split = config.split
     out = torch.empty((rows, weight.n), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(weight.n, config.block_n), triton.cdiv(rows, block_m))
+    parts = out if split == 1 else torch.empty((split, rows, weight.n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(weight.n, config.block_n), split)
     _nf4_matmul[grid](
-        x2, weight.words, weight.absmax, weight.absmax2, weight.code2, out, rows, weight.n, weight.offset,
-        x2.stride(0), out.stride(0), K=weight.k, BLOCK_M=block_m, BLOCK_N=config.block_n,
+        x2, weight.words, weight.absmax, weight.absmax2, weight.code2, parts, rows, weight.n, weight.offset,
+        x2.stride(0), weight.n, K=weight.k, BLOCK_M=block_m, BLOCK_N=config.block_n, SPLIT=split,
         ASM=weight.matmul_asm, num_warps=config.warps, num_stages=config.stages,
     )  # fmt: skip
+    if split > 1:
+        out.copy_(parts.sum(dim=0))  # fp32 partials, added in a fixed order, rounded once
     return out.view(*x.shape[:-1], weight.n)
 
 

@@ -95,7 +95,13 @@ def test_the_matmul_kernel_gives_bitsandbytes_dequantized_product(k: int, n: int
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         expected = x.float() @ dense.t()
         scale = expected.abs().max()
-        for config in (None, MatmulConfig(block_n=32, warps=4, stages=2), MatmulConfig(block_n=128, warps=8)):
+        configs = (
+            None,
+            MatmulConfig(block_n=32, warps=4, stages=2),
+            MatmulConfig(block_n=128, warps=8),
+            MatmulConfig(block_n=64, split=3),  # the last of the reduction's slices short or empty
+        )
+        for config in configs:
             got = nf4_matmul(x, weight, config).float()
             assert got.shape == (rows, n)
             assert float((got - expected).abs().max() / scale) < 1e-2, (rows, config)
