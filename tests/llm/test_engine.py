@@ -21,6 +21,7 @@ from app.llm.engine import (
     install_triton_kernels,
 )
 from app.llm.loader import LoadedModel, ModelSpec, load_model
+from app.llm.metrics import EngineMetrics
 from app.llm.prompts import ChatTurn, build_prompt
 
 
@@ -71,6 +72,41 @@ async def test_streams_deltas_that_add_up_to_the_decoded_reply(engine: Generatio
     ids = torch.tensor([prompt(tiny_model)])
     expected = tiny_model.model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0)
     assert "".join(d.text for d in deltas) == tiny_model.tokenizer.decode(expected[0, ids.shape[1] :])
+
+
+class StepRecord(EngineMetrics):
+    """Records the decoding steps the engine reports (the server's observer exports the same)."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, float]] = []  # (tokens streamed, seconds from launch to read)
+
+    def step(self, batch_size: int, queue_depth: int, tokens: int, seconds: float) -> None:
+        self.steps.append((tokens, seconds))
+
+
+async def test_decoding_steps_report_the_tokens_they_streamed_and_no_step_outlives_its_batch(
+    tiny_model: LoadedModel,
+) -> None:
+    """Each step is launched before the host reads the one before (GenerationEngine._decode): a
+    sequence that ends takes part in one step too many, whose token is never streamed nor counted,
+    and the step in flight when the batch empties is dropped, not read when the next request comes."""
+    record = StepRecord()
+    engine = GenerationEngine(tiny_model, max_running=2, max_queued=2, metrics=record)
+    engine.start()
+    try:
+        results = [
+            await engine.submit(GenerationRequest(prompt(tiny_model, text), greedy(n))).collect()
+            for text, n in (("What is the expense policy?", 9), ("Who approves travel?", 14))
+        ]
+        await asyncio.sleep(1.0)  # idle, with the last step of the last request launched and not read
+        results.append(await engine.submit(GenerationRequest(prompt(tiny_model), greedy(6))).collect())
+    finally:
+        await asyncio.to_thread(engine.shutdown)
+    for _, result in results:
+        assert result.finish_reason == "length"
+    # Each request's first token comes from its prefill, every other one from a step.
+    assert sum(tokens for tokens, _ in record.steps) == sum(r.completion_tokens - 1 for _, r in results)
+    assert max(seconds for _, seconds in record.steps) < 1.0
 
 
 async def test_seed_makes_sampling_repeatable(engine: GenerationEngine, tiny_model) -> None:
