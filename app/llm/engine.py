@@ -718,31 +718,26 @@ class GenerationEngine:
         """
         rows = list(self._batch.rows)
         started = time.perf_counter()
+        logits = None
         try:
             logits = self._batch.step(
                 self.adapters.slots([seq.adapter_key for seq in rows]),
                 self._forward,
                 structure=self.adapters.lora.version,
             )
+            chosen = choose_tokens(logits, [seq.params for seq in rows], [seq.generator for seq in rows])
+            self._batch.feed(chosen)
+            launched = _Step(rows, chosen, started)
         except Exception as error:
             self._stream_step(self._unread)  # its tokens were chosen before this failure
             self._unread = None
-            if isinstance(error, torch.OutOfMemoryError) and len(rows) > 1:
-                # Make room by ending the newest sequence alone; the others retry next round.
+            if logits is None and isinstance(error, torch.OutOfMemoryError) and len(rows) > 1:
+                # The step moved nothing: make room by ending the newest sequence alone, and the
+                # others retry next round. (Once it has run, its rows have no next token: all end.)
                 self._fail(rows[-1], error)
             else:
                 for seq in rows:
                     self._fail(seq, error)
-            return
-        try:
-            chosen = choose_tokens(logits, [seq.params for seq in rows], [seq.generator for seq in rows])
-            self._batch.feed(chosen)
-            launched = _Step(rows, chosen, started)
-        except Exception as error:  # the step ran, but its rows have no next token: they end here
-            self._stream_step(self._unread)
-            self._unread = None
-            for seq in rows:
-                self._fail(seq, error)
             return
         previous, self._unread = self._unread, launched
         self._stream_step(previous)

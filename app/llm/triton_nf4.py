@@ -84,7 +84,7 @@ class Nf4Weight:
     table: torch.Tensor  # int32 [4]: the table registers passed to it (see lookup_asm)
     n: int
     k: int
-    matmul_asm: str = ""  # nf4_matmul's lookup (word_to_bf16_asm)
+    matmul_asm: str  # nf4_matmul's lookup (word_to_bf16_asm)
 
     @classmethod
     def of(cls, layer: Any) -> Nf4Weight | None:  # a bitsandbytes Linear4bit
@@ -133,6 +133,32 @@ def table_words(code_bits: tuple[int, ...]) -> tuple[list[int], list[int]]:
     return low, high
 
 
+def _selectors_asm(word: str) -> str:
+    """PTX: prmt selectors for all eight codes of `word` at once. cs/cs2: the low 3 bits of each
+    code (nibbles 0-3, then 4-7); csel/csel2: per byte, i + 4 * the code's top bit."""
+    return (
+        f"and.b32 cs, {word}, 0x77777777;\n"
+        f"shr.u32 csel, {word}, 1;\n"
+        "and.b32 csel, csel, 0x44444444;\n"
+        "or.b32 csel, csel, 0x32103210;\n"
+        "shr.u32 cs2, cs, 16;\n"
+        "shr.u32 csel2, csel, 16;\n"
+    )
+
+
+def _lookup_bytes_asm(codes: str, select: str, table: list[str]) -> str:
+    """PTX: clo/chi = the low/high bytes of four codes' values, from the eight table registers
+    (`table_words`' order): a permute among codes 0-7, one among 8-15, one choosing per code."""
+    t = table
+    return f"""
+prmt.b32 ca, {t[0]}, {t[1]}, {codes};
+prmt.b32 cb, {t[2]}, {t[3]}, {codes};
+prmt.b32 clo, ca, cb, {select};
+prmt.b32 ca, {t[4]}, {t[5]}, {codes};
+prmt.b32 cb, {t[6]}, {t[7]}, {codes};
+prmt.b32 chi, ca, cb, {select};"""
+
+
 @functools.cache
 def lookup_asm(code_bits: tuple[int, ...]) -> str:
     """PTX for one packed word: $0 = sum over its 8 weights of code[nibble] * x, in fp32 bits.
@@ -151,13 +177,10 @@ def lookup_asm(code_bits: tuple[int, ...]) -> str:
         # weight 0, ...; `select` picks per byte between the two halves of the table (a code's top
         # bit). clo/chi get the four values' low/high bytes; then bf16 pairs; then fp32.
         start = f"mul.rn.f32 cacc, cf, {x[0]};" if first else f"fma.rn.f32 cacc, cf, {x[0]}, cacc;"
-        return f"""
-prmt.b32 ca, $10, t1, {codes};
-prmt.b32 cb, $11, t3, {codes};
-prmt.b32 clo, ca, cb, {select};
-prmt.b32 ca, $12, t5, {codes};
-prmt.b32 cb, $13, t7, {codes};
-prmt.b32 chi, ca, cb, {select};
+        table_registers = ["$10", "t1", "$11", "t3", "$12", "t5", "$13", "t7"]
+        return (
+            _lookup_bytes_asm(codes, select, table_registers)
+            + f"""
 prmt.b32 cp, clo, chi, 0x4051;
 shl.b32 cf, cp, 16;
 {start}
@@ -169,17 +192,12 @@ fma.rn.f32 cacc, cf, {x[2]}, cacc;
 and.b32 cf, cp, 0xffff0000;
 fma.rn.f32 cacc, cf, {x[3]}, cacc;
 """
+        )
 
     return (
         "{\n.reg .b32 t1, t3, t5, t7, cs, csel, cs2, csel2, ca, cb, clo, chi, cp, cf, cacc;\n"
         + table
-        # selectors for all eight codes at once: low 3 bits of each nibble; byte i + 4 * top bit
-        + "and.b32 cs, $1, 0x77777777;\n"
-        + "shr.u32 csel, $1, 1;\n"
-        + "and.b32 csel, csel, 0x44444444;\n"
-        + "or.b32 csel, csel, 0x32103210;\n"
-        + "shr.u32 cs2, cs, 16;\n"
-        + "shr.u32 csel2, csel, 16;\n"
+        + _selectors_asm("$1")
         + half("cs", "csel", ["$2", "$3", "$4", "$5"], first=True)
         + half("cs2", "csel2", ["$6", "$7", "$8", "$9"], first=False)
         + "mov.b32 $0, cacc;\n}"
@@ -342,28 +360,20 @@ def word_to_bf16_asm(code_bits: tuple[int, ...]) -> str:
     table = "".join(f"mov.b32 t{i}, {word:#010x};\n" for i, word in enumerate(low + high))
 
     def half(codes: str, select: str, first: int) -> str:
-        return f"""
-prmt.b32 ca, t0, t1, {codes};
-prmt.b32 cb, t2, t3, {codes};
-prmt.b32 clo, ca, cb, {select};
-prmt.b32 ca, t4, t5, {codes};
-prmt.b32 cb, t6, t7, {codes};
-prmt.b32 chi, ca, cb, {select};
+        return (
+            _lookup_bytes_asm(codes, select, [f"t{i}" for i in range(8)])
+            + f"""
 prmt.b32 cp, clo, chi, 0x5140;
 mov.b32 {{${first + 1}, ${first}}}, cp;
 prmt.b32 cp, clo, chi, 0x7362;
 mov.b32 {{${first + 3}, ${first + 2}}}, cp;
 """
+        )
 
     return (
         "{\n.reg .b32 t0, t1, t2, t3, t4, t5, t6, t7, cs, csel, cs2, csel2, ca, cb, clo, chi, cp;\n"
         + table
-        + "and.b32 cs, $8, 0x77777777;\n"
-        + "shr.u32 csel, $8, 1;\n"
-        + "and.b32 csel, csel, 0x44444444;\n"
-        + "or.b32 csel, csel, 0x32103210;\n"
-        + "shr.u32 cs2, cs, 16;\n"
-        + "shr.u32 csel2, csel, 16;\n"
+        + _selectors_asm("$8")
         + half("cs", "csel", 0)
         + half("cs2", "csel2", 4)
         + "}"

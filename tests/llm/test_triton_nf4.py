@@ -132,22 +132,6 @@ def test_one_token_passes_take_the_kernel_and_longer_ones_keep_bitsandbytes(tiny
     assert enable(model) == 0, "layers that have the kernel keep it"
 
 
-def test_a_kernel_that_computes_something_else_is_not_switched_on(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from app.llm import triton_nf4
-    from app.llm.loader import ModelSpec, load_model
-    from app.llm.triton_common import KernelMismatch
-
-    served = load_model(ModelSpec(str(tiny_model_dir), device="cuda"))
-    wrong = tuple(range(16))  # a lookup table that is not the layers' NF4 values
-    real = triton_nf4.lookup_asm
-    monkeypatch.setattr(triton_nf4, "lookup_asm", lambda code_bits: real(wrong))
-    with pytest.raises(KernelMismatch, match="off by"):
-        triton_nf4.enable(served.model)
-    assert not any(hasattr(m, "nf4_weight") for m in served.model.modules())
-
-
 def test_passes_of_a_few_tokens_take_the_matmul_kernel_and_prompts_keep_bitsandbytes(
     tiny_model_dir: Path,
 ) -> None:
@@ -175,8 +159,20 @@ def test_passes_of_a_few_tokens_take_the_matmul_kernel_and_prompts_keep_bitsandb
         layer.nf4_weight.words.bitwise_not_()
 
 
-def test_a_matmul_kernel_that_computes_something_else_is_not_switched_on(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "lookup,kernel,refused,kept",
+    [
+        ("lookup_asm", "one-row kernel", "nf4_weight", None),
+        ("word_to_bf16_asm", "matmul kernel", "nf4_rows", "nf4_weight"),  # the one-row kernel stays
+    ],
+)
+def test_a_kernel_that_computes_something_else_is_not_switched_on(
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    lookup: str,
+    kernel: str,
+    refused: str,
+    kept: str | None,
 ) -> None:
     from app.llm import triton_nf4
     from app.llm.loader import ModelSpec, load_model
@@ -184,9 +180,11 @@ def test_a_matmul_kernel_that_computes_something_else_is_not_switched_on(
 
     served = load_model(ModelSpec(str(tiny_model_dir), device="cuda"))
     wrong = tuple(range(16))  # a lookup table that is not the layers' NF4 values
-    real = triton_nf4.word_to_bf16_asm
-    monkeypatch.setattr(triton_nf4, "word_to_bf16_asm", lambda code_bits: real(wrong))
-    assert triton_nf4.enable(served.model) > 0  # the one-row kernel's own check passes
-    with pytest.raises(KernelMismatch, match="matmul kernel"):
+    real = getattr(triton_nf4, lookup)
+    monkeypatch.setattr(triton_nf4, lookup, lambda code_bits: real(wrong))
+    with pytest.raises(KernelMismatch, match=f"{kernel}.* is off by"):
+        triton_nf4.enable(served.model)
         triton_nf4.enable_rows(served.model, min_programs=1)
-    assert not any(hasattr(m, "nf4_rows") for m in served.model.modules())
+    assert not any(hasattr(m, refused) for m in served.model.modules())
+    if kept is not None:
+        assert any(hasattr(m, kept) for m in served.model.modules())
