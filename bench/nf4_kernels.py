@@ -112,7 +112,7 @@ def main() -> int:
             elif rows <= triton_nf4.MAX_ROWS:
                 ws = gemv_weights[(k, n)]
                 fns["nf4_matmul"] = lambda x=x, ws=ws: [triton_nf4.nf4_matmul(x, w) for w in ws]
-                if args.sweep and rows == 32:
+                if args.sweep:
                     line["sweep"] = sweep(triton_nf4.nf4_matmul, matmul_configs(), x, ws, reference, scale)
             per_layer: dict[str, float] = {}
             for way, fn in fns.items():
@@ -154,13 +154,13 @@ def gemv_configs() -> list[Any]:
 
 
 def matmul_configs() -> list[Any]:
-    """Session 6's sweep (3 tile heights x 4 or 8 warps x 2 or 3 stages) found the default best but
-    for one shape; what it did not try is splitting the reduction, for the narrow layers."""
-    from app.llm import triton_nf4
+    """Session 6's sweep (3 tile heights x 4 or 8 warps x 2 or 3 stages) found the default tile
+    best but for one shape. Session 7's found splitting the reduction best (several programs per
+    SM), and scaling the codes before the tensor cores or taking two blocks per iteration slower;
+    this one sweeps the split and the pipeline's depth."""
+    from app.llm.triton_nf4 import MatmulConfig as C
 
-    grid = itertools.product((32, 64, 128), (1, 2, 4))
-    configs = [triton_nf4.MatmulConfig(block_n, split=split) for block_n, split in grid]
-    return [*configs, triton_nf4.MatmulConfig(64, warps=8), triton_nf4.MatmulConfig(64, stages=2)]
+    return [*(C(64, split=split) for split in (1, 2, 4, 8, 16)), *(C(64, stages=4, split=s) for s in (4, 8))]
 
 
 def sweep(
@@ -171,7 +171,7 @@ def sweep(
     reference: torch.Tensor,
     scale: float,
 ) -> list[dict[str, object]]:
-    """`kernel`'s tile configurations on one shape's layers, fastest first (the top 5)."""
+    """`kernel`'s tile configurations on one shape's layers, fastest first."""
     timed = []
     for config in configs:
         try:
@@ -188,7 +188,7 @@ def sweep(
                 "max_diff": round(float((got - reference).abs().max()) / scale, 5),
             }
         )
-    return sorted(timed, key=lambda t: t["us"])[:5]
+    return sorted(timed, key=lambda t: t["us"])
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ writes its output, sparing the separate expand kernel.
 
 `nf4_matmul` takes passes of 2 to 64 rows, where bitsandbytes dequantizes each whole weight to bf16
 and hands it to cuBLAS: the same lookups give a bf16 tile in registers, which the tensor cores
-multiply by the input, a 64-weight block (one scale) at a time. `enable_rows` gives it only to
-layers wide enough to fill the GPU with programs, where it measured faster.
+multiply by the input, a 64-weight block (one scale) at a time. A narrow layer's reduction is split
+across programs so that every SM has several to switch between.
 """
 
 from __future__ import annotations
@@ -85,6 +85,10 @@ class Nf4Weight:
     n: int
     k: int
     matmul_asm: str  # nf4_matmul's lookup (word_to_bf16_asm)
+    matmul_config: MatmulConfig  # nf4_matmul's tiles for this shape on this GPU
+    # int32, one per tile of MIN_BLOCK_N output rows: nf4_matmul's count of a tile's reduction
+    # slices done (split > 1), back to 0 after each call
+    arrived: torch.Tensor
 
     @classmethod
     def of(cls, layer: Any) -> Nf4Weight | None:  # a bitsandbytes Linear4bit
@@ -103,6 +107,8 @@ class Nf4Weight:
         ):
             return None
         n, k = state.shape
+        device = layer.weight.device
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         code_bits = tuple(state.code.to(torch.bfloat16).view(torch.int16).tolist())
         return cls(
             words=layer.weight.data.reshape(-1).view(torch.int32),
@@ -111,10 +117,12 @@ class Nf4Weight:
             code2=state.state2.code.float(),
             offset=float(state.offset),
             asm=lookup_asm(code_bits),
-            table=_table_registers(code_bits, layer.weight.device),
+            table=_table_registers(code_bits, device),
             n=n,
             k=k,
             matmul_asm=word_to_bf16_asm(code_bits),
+            matmul_config=matmul_config_for(n, k, sms),
+            arrived=torch.zeros(-(-n // MIN_BLOCK_N), dtype=torch.int32, device=device),
         )
 
 
@@ -336,17 +344,35 @@ def nf4_gemv(
 
 @dataclass(frozen=True)
 class MatmulConfig:
-    block_n: int = 64  # weight rows per program
+    block_n: int = 64  # weight rows per program, at least MIN_BLOCK_N
     warps: int = 4
     stages: int = 3
-    # Programs that share one tile's reduction, each over a slice of the blocks, their fp32
-    # partial sums added after (in a fixed order: the same bits every time). More programs for
-    # narrow layers; 1 until a sweep on the GPU shows where more wins.
+    # Programs that share one tile's reduction, each over a slice of the blocks: more programs for
+    # narrow layers. Each writes its fp32 partial sums; the last to finish adds them up, in a fixed
+    # order (the same bits every time), and writes the tile.
     split: int = 1
 
 
-MATMUL_CONFIG = MatmulConfig()
+MIN_BLOCK_N = 16  # the tensor cores' smallest tile
 MAX_ROWS = 64  # input rows the tensor-core kernel takes; longer passes (prompts) keep bitsandbytes'
+MAX_SPLIT = 16
+
+
+def matmul_config_for(n: int, k: int, sms: int) -> MatmulConfig:
+    """`nf4_matmul`'s tiles for an n x k weight on a GPU of `sms` SMs: the reduction split until
+    there are at least four programs per SM.
+
+    One program per SM waits on its own loads and tensor-core results, latency-bound: on an H200
+    (132 SMs, bench/nf4_kernels.py --sweep, docs/benchmarks.md) Falcon-7B's 4,544-row layers took
+    70 us (qkv, 32 rows) and 290 us (MLP down) on their 71 to 73 programs, 21 and 65 us split 8
+    ways; the MLP up projection (284 programs) 82 us, 69 split 2 ways and 63 split 4 ways.
+    """
+    config = MatmulConfig()
+    tiles = -(-n // config.block_n)
+    split = 1
+    while tiles * split < 4 * sms and split < MAX_SPLIT and k // BLOCK // (2 * split) >= 8:
+        split *= 2  # each slice keeps at least 8 blocks: fewer is mostly prologue and epilogue
+    return MatmulConfig(split=split)
 
 
 @functools.cache
@@ -381,19 +407,22 @@ mov.b32 {{${first + 3}, ${first + 2}}}, cp;
 
 
 @triton.jit
-def _nf4_matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, out_ptr, rows, n_out, offset, x_stride,
-                out_stride, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _nf4_matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, out_ptr, part_ptr, arrived_ptr, rows, n_out,
+                offset, x_stride, out_stride, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 SPLIT: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
     # out[m, n] = sum over k of x[m, k] * code[w[n, k]] * scale[n, k // 64], one 64-weight block
     # (one scale) per iteration: its codes become a [BLOCK_N, 64] bf16 tile in registers, the
     # tensor cores multiply it by the input, and the block's scale multiplies the product.
+    # (Scaling the codes first, to keep the sum in the tensor cores, measured slower: half again
+    # as many instructions per block.)
     WORDS: tl.constexpr = K // 8
     BLOCKS: tl.constexpr = K // 64
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    PER_SPLIT: tl.constexpr = (BLOCKS + SPLIT - 1) // SPLIT
+    tile = tl.program_id(0)
+    part = tl.program_id(1)  # which slice of the blocks, with SPLIT > 1
+    n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     n_read = tl.minimum(n, n_out - 1)
     m = tl.arange(0, BLOCK_M)  # every row in one tile (BLOCK_M >= rows)
-    PER_SPLIT: tl.constexpr = (BLOCKS + SPLIT - 1) // SPLIT
-    part = tl.program_id(1)  # which slice of the blocks, with SPLIT > 1
     m_ok = m < rows
     # The tile's column col holds weight k of the block: col = 32h + 16b1 + 8b0 + 2c + j for
     # k = 16c + 8h + 4b1 + 2b0 + j (word 2c + h, byte 2b1 + b0, nibble j), so that the eight
@@ -426,15 +455,30 @@ def _nf4_matmul(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, out_ptr, rows,
         if BLOCKS % SPLIT:
             scale = tl.where(past_end, 0.0, scale)
         acc += tl.dot(codes, xk) * scale[:, None]
-    # out_ptr is [rows, n_out] in the output's dtype, or with SPLIT > 1 [SPLIT, rows, n_out] fp32
-    out = out_ptr + part * rows * out_stride + m[None, :] * out_stride + n[:, None]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & (n < n_out)[:, None])
+    at = m[None, :] * out_stride + n[:, None]
+    ok = m_ok[None, :] & (n < n_out)[:, None]
+    if SPLIT == 1:
+        tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        # part_ptr is [SPLIT, rows, n_out] fp32; arrived_ptr counts, per tile, the slices done.
+        # Every thread's partial sums are stored before one thread counts (release, at GPU scope),
+        # as CUTLASS's split-K semaphore does; the last to arrive reads them all from L2.
+        tl.store(part_ptr + part * rows * out_stride + at, acc, mask=ok)
+        tl.debug_barrier()
+        if tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel") == SPLIT - 1:
+            total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for p in range(SPLIT):
+                total += tl.load(
+                    part_ptr + p * rows * out_stride + at, mask=ok, other=0.0, cache_modifier=".cg"
+                )
+            tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=ok)
+            tl.atomic_xchg(arrived_ptr + tile, 0)  # ready for the next call
 
 
 def nf4_matmul(x: torch.Tensor, weight: Nf4Weight, config: MatmulConfig | None = None) -> torch.Tensor:
     """x [..., K] of up to MAX_ROWS rows (bf16) times the NF4 weight's transpose, on the tensor
-    cores: [..., N] in x's dtype."""
-    config = config or MATMUL_CONFIG
+    cores: [..., N] in x's dtype. `config` defaults to the weight's own (`matmul_config_for`)."""
+    config = config or weight.matmul_config
     x2 = x.reshape(-1, weight.k)
     if x2.dtype != torch.bfloat16:
         raise TypeError(f"nf4_matmul takes bf16 input, not {x2.dtype}")
@@ -444,17 +488,21 @@ def nf4_matmul(x: torch.Tensor, weight: Nf4Weight, config: MatmulConfig | None =
     if not 0 < rows <= MAX_ROWS:
         raise ValueError(f"nf4_matmul takes 1 to {MAX_ROWS} rows, not {rows}")
     block_m = max(16, triton.next_power_of_2(rows))  # the tensor cores' smallest tile
-    split = config.split
+    if config.block_n < MIN_BLOCK_N:
+        raise ValueError(f"nf4_matmul takes tiles of at least {MIN_BLOCK_N} rows, not {config.block_n}")
+    tiles = triton.cdiv(weight.n, config.block_n)
     out = torch.empty((rows, weight.n), dtype=x.dtype, device=x.device)
-    parts = out if split == 1 else torch.empty((split, rows, weight.n), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(weight.n, config.block_n), split)
-    _nf4_matmul[grid](
-        x2, weight.words, weight.absmax, weight.absmax2, weight.code2, parts, rows, weight.n, weight.offset,
-        x2.stride(0), weight.n, K=weight.k, BLOCK_M=block_m, BLOCK_N=config.block_n, SPLIT=split,
-        ASM=weight.matmul_asm, num_warps=config.warps, num_stages=config.stages,
+    parts = (
+        out
+        if config.split == 1
+        else torch.empty((config.split, rows, weight.n), dtype=torch.float32, device=x.device)
+    )
+    _nf4_matmul[(tiles, config.split)](
+        x2, weight.words, weight.absmax, weight.absmax2, weight.code2, out, parts, weight.arrived, rows,
+        weight.n, weight.offset, x2.stride(0), weight.n, K=weight.k, BLOCK_M=block_m, BLOCK_N=config.block_n,
+        SPLIT=config.split, ASM=weight.matmul_asm,
+        num_warps=config.warps, num_stages=config.stages,
     )  # fmt: skip
-    if split > 1:
-        out.copy_(parts.sum(dim=0))  # fp32 partials, added in a fixed order, rounded once
     return out.view(*x.shape[:-1], weight.n)
 
 
@@ -488,29 +536,18 @@ def enable(model: nn.Module) -> int:
     return len(layers)
 
 
-def enable_rows(model: nn.Module, min_programs: int | None = None) -> int:
-    """Give `nf4_matmul` to the layers that have the one-row kernel (`enable`) and are wide enough
-    for it, for passes of 2 to MAX_ROWS tokens (decoding steps of several streams, short prompts);
-    returns how many took it.
+def enable_rows(model: nn.Module) -> int:
+    """Give `nf4_matmul` to the layers that have the one-row kernel (`enable`), for passes of 2 to
+    MAX_ROWS tokens (decoding steps of several streams, short prompts); returns how many took it.
 
-    Wide enough: one program per BLOCK_N output rows fills every SM (or `min_programs`). On an
-    H200, Falcon-7B's MLP up projection (18,176 rows: 284 programs) took 57 to 83 us against
-    bitsandbytes' 63 to 145 (2 to 64 rows); the 4,544-row layers (71 programs, one per SM at most,
-    each waiting on its own loads) took 41 to 184 us against 20 to 150, slower
-    (bench/nf4_kernels.py, docs/benchmarks.md).
-    Checked on the first such layer as `enable` is, and switched on for none if it fails there;
-    then compiled for every tile height it will meet, so that no step waits for the compiler.
+    On an H200 it took Falcon-7B's four shapes in 21 to 65 us at 32 rows, against bitsandbytes' 41
+    to 149 (dequantizing each whole weight, then cuBLAS); bench/nf4_kernels.py, docs/benchmarks.md.
+    Checked on the first layer as `enable` is, and switched on for none if it fails there; then
+    compiled for every tile height and shape it will meet, so that no step waits for the compiler.
     Layers with a dequantized copy (app/llm/dequantized.py) keep it for those passes.
     """
-    layers: list[Any] = [m for m in model.modules() if hasattr(m, "nf4_weight")]
-    if not layers:
-        return 0
-    if min_programs is None:
-        min_programs = torch.cuda.get_device_properties(layers[0].weight.device).multi_processor_count
-    layers = [
-        m
-        for m in layers
-        if not hasattr(m, "nf4_rows") and triton.cdiv(m.nf4_weight.n, MATMUL_CONFIG.block_n) >= min_programs
+    layers: list[Any] = [
+        m for m in model.modules() if hasattr(m, "nf4_weight") and not hasattr(m, "nf4_rows")
     ]
     if not layers:
         return 0
