@@ -12,12 +12,17 @@ Fixed buffers give the decoding step fixed shapes, which is what lets it be capt
 graph and replayed (app/llm/graphs.py): the forward pass of a Falcon-7B-shaped model launches
 hundreds of small kernels per token, and launched one by one from Python they, not the GPU, set the
 speed of a small batch. A graph is kept per batch size (rounded up to a bucket; spare rows compute
-on a free row and are thrown away), per buffer length, and per adapter set-up.
+on a free row and are thrown away), per columns of the cache attention reads (the longest row's,
+rounded up to a power of two), and per adapter set-up; `uncaptured` lists those not captured yet,
+which the engine captures while it is idle, so that steps need not wait for a capture.
 
-Memory: the buffers hold `max_running` rows of the longest sequence so far, rounded up to a power
-of two (up to the context window). Falcon-7B's multi-query attention keeps a token in 8 KiB
+Memory: the buffers hold `max_running` rows of the whole context window, allocated once: a graph
+replays the addresses it was captured with, so buffers that grew with the sequences would throw
+every graph away at each growth (capturing one takes about 0.2 s of a Falcon-7B's time on an H200,
+each bucket again as a batch drains). Falcon-7B's multi-query attention keeps a token in 8 KiB
 (2 x 1 head x 64 x 32 layers x 2 bytes), so 32 rows of 2,048 tokens take 512 MiB; a model with
-full multi-head attention pays its heads' worth more.
+full multi-head attention pays its heads' worth more (MAX_RUNNING_GENERATIONS and CONTEXT_WINDOW
+bound it).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 
 from app.llm.graphs import DecodeGraphs
 
-FIRST_LENGTH = 256  # columns of the first buffers; they double as sequences grow
+FIRST_COLUMNS = 256  # the fewest columns a captured step's attention reads; then powers of two
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
@@ -83,13 +88,6 @@ class SlotCache:
             for buffer in buffers:
                 buffer[: len(rows)] = buffer.index_select(0, rows)
 
-    def grow(self, length: int) -> None:
-        for buffers in (self.keys, self.values):
-            for i, old in enumerate(buffers):
-                new = old.new_zeros((*old.shape[:2], length, old.shape[3]))
-                new[:, :, : old.shape[2]] = old
-                buffers[i] = new
-
 
 def prefill_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A transformers cache's (keys, values) per layer."""
@@ -122,12 +120,17 @@ class DecodeBatch:
         packed end to end)."""
         layers = prefill_layers(cache)
         if self.cache is None:
-            self.cache = SlotCache(layers, self.capacity, self._length_for(length + 1, FIRST_LENGTH))
-        self._reserve(length + 1)
+            self.allocate(layers)
+        assert self.cache is not None
         self.cache.put(len(self.rows), layers, length, start)
         self._inputs[0, len(self.rows)] = token
         self.rows.append(row)
         self.positions.append(length)
+
+    def allocate(self, like: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The cache's buffers, shaped after a prefilled cache's layers (`prefill_layers`)."""
+        self.cache = SlotCache(like, self.capacity, self.max_length)
+        self._column_ids = torch.arange(self.max_length, device=self.device)
 
     def feed(self, tokens: torch.Tensor) -> None:
         """The next step's input tokens of rows 0..len-1, on the device (the last step's choices):
@@ -157,7 +160,6 @@ class DecodeBatch:
         """
         assert self.cache is not None
         n = len(self.rows)
-        self._reserve(max(self.positions) + 1)
         batch = n if self.graphs is None else _bucket(n, self.capacity)
         # A new pinned buffer each step: the copy is queued behind the steps the GPU has not run
         # yet, without the host waiting for them (PyTorch reuses the buffer once it is done).
@@ -174,8 +176,8 @@ class DecodeBatch:
         if self.graphs is None:
             logits = run(max(self.positions) + 1)  # eager: attention reads only the columns in use
         else:
-            length = self.cache.length
-            logits = self.graphs.run((structure, length), (batch, with_lora), lambda: run(length))
+            columns = self._columns_for(max(self.positions) + 1)
+            logits = self.graphs.run(structure, (batch, columns, with_lora), lambda: run(columns))
         self.positions = [p + 1 for p in self.positions]
         return logits[:n]
 
@@ -200,16 +202,29 @@ class DecodeBatch:
         )
         return out.logits[:, -1]
 
-    def _reserve(self, length: int) -> None:
-        assert self.cache is not None
-        if length > self.cache.length:
-            self.cache.grow(self._length_for(length, self.cache.length * 2))
-        if self._column_ids.numel() != self.cache.length:
-            self._column_ids = torch.arange(self.cache.length, device=self.device)
+    def _columns_for(self, needed: int) -> int:
+        return min(max(FIRST_COLUMNS, 1 << (needed - 1).bit_length()), self.max_length)
 
-    def _length_for(self, needed: int, at_least: int) -> int:
-        length = max(at_least, 1 << (needed - 1).bit_length())
-        return max(needed, min(length, self.max_length))
+    def uncaptured(self, structure: Hashable, lora: bool) -> list[tuple[int, int, bool]]:
+        """The steps' shapes (batch bucket, columns, with LoRA) with no graph captured for
+        `structure` yet, smallest first; `lora`: whether steps can run adapters."""
+        if self.graphs is None:
+            return []
+        batches = sorted({_bucket(rows, self.capacity) for rows in range(1, self.capacity + 1)})
+        columns = sorted(
+            {self._columns_for(c) for c in (1 << i for i in range(self.max_length.bit_length() + 1))}
+        )
+        shapes = [(b, c, w) for w in (False, True)[: 1 + lora] for c in columns for b in batches]
+        return self.graphs.missing(structure, shapes)
+
+    def capture(self, structure: Hashable, shape: tuple[int, int, bool], forward: Callable[..., Any]) -> None:
+        """Capture the step of `shape` (from `uncaptured`) while no sequence is decoding: its
+        rows compute on zeros, writing nothing any row will read."""
+        assert self.cache is not None and not self.rows
+        batch, columns, with_lora = shape
+        self._inputs.zero_()
+        assert self.graphs is not None
+        self.graphs.capture(structure, shape, lambda: self._forward(batch, columns, forward, with_lora))
 
 
 def _bucket(rows: int, capacity: int) -> int:

@@ -9,8 +9,9 @@ replays them with one launch, reading its inputs from the same device memory eve
 
 A graph is only valid for the shapes and buffers it was captured with, so graphs are kept per
 (structure, shape): `structure` is what changes rarely and invalidates every graph when it does
-(the KV buffers' length, the adapters' LoRA buffers), `shape` is the batch-size bucket and whether
-LoRA runs. All graphs share one memory pool, since only one runs at a time.
+(the adapters' LoRA buffers), `shape` is the batch-size bucket, the columns of the KV cache that
+attention reads, and whether LoRA runs. All graphs share one memory pool, since only one runs at a
+time.
 
 Capture needs the forward pass to make no host round trip; `make_capturable` rewrites the one
 place in transformers' Falcon that does (its key/value split indexes with Python lists, which
@@ -34,6 +35,10 @@ class DecodeGraphs:
         self._pool: Any = None
         self.captures = 0
 
+    def __len__(self) -> int:
+        """The graphs held (for the present structure)."""
+        return len(self._graphs)
+
     def run(self, structure: Hashable, shape: Hashable, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Replay the graph of `forward` for this structure and shape (capturing it the first time).
 
@@ -41,16 +46,31 @@ class DecodeGraphs:
         real first (the warm-up), so the KV writes of the step itself are what the capture's
         warm-up writes. The returned tensor is overwritten by the next replay of any graph.
         """
-        if structure != self._structure:
-            self._graphs.clear()  # captured against buffers that are gone; their memory goes too
-            self._pool = None
-            self._structure = structure
+        self._use(structure)
         entry = self._graphs.get(shape)
         if entry is None:
             entry = self._graphs[shape] = self._capture(forward)
         graph, output = entry
         graph.replay()
         return output
+
+    def missing(self, structure: Hashable, shapes: list[Any]) -> list[Any]:
+        """Those of `shapes` with no graph for `structure`."""
+        if structure != self._structure:
+            return list(shapes)
+        return [shape for shape in shapes if shape not in self._graphs]
+
+    def capture(self, structure: Hashable, shape: Hashable, forward: Callable[[], torch.Tensor]) -> None:
+        """Capture the graph of `forward` for this structure and shape ahead of its first step."""
+        self._use(structure)
+        if shape not in self._graphs:
+            self._graphs[shape] = self._capture(forward)
+
+    def _use(self, structure: Hashable) -> None:
+        if structure != self._structure:
+            self._graphs.clear()  # captured against buffers that are gone; their memory goes too
+            self._pool = None
+            self._structure = structure
 
     def _capture(self, forward: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         current = torch.cuda.current_stream(self.device)

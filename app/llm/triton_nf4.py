@@ -360,18 +360,19 @@ MAX_SPLIT = 16
 
 def matmul_config_for(n: int, k: int, sms: int) -> MatmulConfig:
     """`nf4_matmul`'s tiles for an n x k weight on a GPU of `sms` SMs: the reduction split until
-    there are at least four programs per SM.
+    there are eight programs per SM, each slice keeping at least 8 blocks.
 
-    One program per SM waits on its own loads and tensor-core results, latency-bound: on an H200
-    (132 SMs, bench/nf4_kernels.py --sweep, docs/benchmarks.md) Falcon-7B's 4,544-row layers took
-    70 us (qkv, 32 rows) and 290 us (MLP down) on their 71 to 73 programs, 21 and 65 us split 8
-    ways; the MLP up projection (284 programs) 82 us, 69 split 2 ways and 63 split 4 ways.
+    One program per SM waits on its own loads and tensor-core results, latency-bound. On an H200
+    (132 SMs; 32 rows, us per layer; bench/results/2026-11-28-h200-nf4_matmul-split-ab.log), split
+    1/2/4/8/16 ways: Falcon-7B's qkv (73 tiles of 64 rows, 71 blocks) 47/37/25/20/25, MLP down (71
+    tiles, 284 blocks) 175/108/69/58/55, MLP up (284 tiles, 71 blocks) 68/62/56/57/73. Slices of 4
+    blocks are mostly prologue and epilogue.
     """
     config = MatmulConfig()
     tiles = -(-n // config.block_n)
     split = 1
-    while tiles * split < 4 * sms and split < MAX_SPLIT and k // BLOCK // (2 * split) >= 8:
-        split *= 2  # each slice keeps at least 8 blocks: fewer is mostly prologue and epilogue
+    while tiles * split < 8 * sms and split < MAX_SPLIT and k // BLOCK // (2 * split) >= 8:
+        split *= 2
     return MatmulConfig(split=split)
 
 

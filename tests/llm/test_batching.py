@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from app.llm.adapters import BASE, AdapterRef
-from app.llm.batch import FIRST_LENGTH
+from app.llm.batch import FIRST_COLUMNS
 from app.llm.engine import GenerationEngine, GenerationRequest, SamplingParams
 from app.llm.loader import LoadedModel, ModelSpec, load_model
 from app.llm.metrics import EngineMetrics
@@ -172,12 +172,16 @@ async def test_the_kv_budget_holds_a_request_back_until_there_is_room(tiny_model
     assert two.time_to_first_token_s is not None and two.time_to_first_token_s >= one.duration_s * 0.9
 
 
-async def test_rows_that_leave_and_buffers_that_grow_change_no_replys_tokens(
+async def test_rows_that_leave_and_replies_that_grow_long_change_no_replys_tokens(
     tiny_model_dir: Path, adapters: dict[str, AdapterRef]
 ) -> None:
     """A middle row leaves first (the row after it moves up into its place) and the longest reply
-    outgrows the first KV buffers (they grow mid-decode): every reply is still the plain recipe's."""
-    cases = [(QUESTIONS[2], "finance", FIRST_LENGTH + 10), (QUESTIONS[1], None, 12), (QUESTIONS[5], "hr", 60)]
+    goes past the first columns that attention reads: every reply is still the plain recipe's."""
+    cases = [
+        (QUESTIONS[2], "finance", FIRST_COLUMNS + 10),
+        (QUESTIONS[1], None, 12),
+        (QUESTIONS[5], "hr", 60),
+    ]
     expected = [plain_recipe(tiny_model_dir, adapters, [(q, a)], tokens=n)[0] for q, a, n in cases]
 
     model = load_model(ModelSpec(str(tiny_model_dir), device="cpu"))
@@ -199,12 +203,55 @@ async def test_rows_that_leave_and_buffers_that_grow_change_no_replys_tokens(
             text, result = await stream.collect()
             assert result.finish_reason == "length", result
             replies.append(stream.first + text)  # type: ignore[attr-defined]
-        grown = engine._batch.cache.length if engine._batch.cache is not None else 0
     finally:
         engine.shutdown()
     assert replies == expected
-    assert grown > FIRST_LENGTH
     assert max(size for kind, size in record.events if kind == "step") == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+async def test_on_a_gpu_the_idle_engine_captures_the_steps_and_decoding_waits_for_none(
+    tiny_model_dir: Path, adapters: dict[str, AdapterRef]
+) -> None:
+    """Captured while idle: every batch size, cache width and adapter set-up, so that rows joining,
+    leaving and growing past the first columns replay graphs without capturing one; and the
+    replies are the eager engine's on the same GPU."""
+    cases = [
+        (QUESTIONS[2], "finance", FIRST_COLUMNS + 10),
+        (QUESTIONS[1], None, 12),
+        (QUESTIONS[5], "hr", 60),
+    ]
+    replies: dict[bool, list[str]] = {}
+    for graphs in (False, True):
+        model = load_model(ModelSpec(str(tiny_model_dir), device="cuda"))  # an engine's LoRA wraps its layers
+        engine = GenerationEngine(model, max_running=4, max_adapters=4, cuda_graphs=graphs)
+        engine.start()
+        try:
+            for name in ("finance", "hr"):
+                assert await engine.preload_adapter(adapters[name])
+            await engine.capture_graphs()  # what the idle worker has not captured yet
+            held = len(engine._batch.graphs) if graphs else 0
+            captures = engine._batch.graphs.captures if graphs else 0
+            streams = []
+            for question, adapter, tokens in cases:
+                ref = adapters[adapter] if adapter else None
+                request = GenerationRequest(
+                    prompt(model, question), SamplingParams(tokens, temperature=0), adapter=ref
+                )
+                streams.append(engine.submit(request))
+                await anext(streams[-1])  # in the batch before the next one comes
+            results = [await stream.collect() for stream in streams]
+            assert all(result.finish_reason == "length" for _, result in results)
+            replies[graphs] = [text for text, _ in results]
+            if graphs:
+                # 4 rows at most: batch buckets 1, 2, 4; every power of two of columns from
+                # FIRST_COLUMNS to the context window; without and with LoRA.
+                widths = (model.context_window - 1).bit_length() - FIRST_COLUMNS.bit_length() + 2
+                assert held == 3 * widths * 2
+                assert engine._batch.graphs.captures == captures, "no step waited for a capture"
+        finally:
+            engine.shutdown()
+    assert replies[True] == replies[False]
 
 
 async def test_prompts_that_arrive_together_prefill_in_one_pass_with_their_own_adapters(
