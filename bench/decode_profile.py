@@ -4,9 +4,11 @@ On the Falcon-7B-shaped random checkpoint of `bench/gpu_check.py`, with rank-16 
 `bench/serve_check.py` makes them, the engine decodes (CUDA graphs as served) while
 `torch.profiler` records every kernel; the table gives each kernel's GPU time and count per step.
 `--compile` first compiles the decoder layers with `torch.compile` (a trial: fused elementwise
-kernels inside the same CUDA graphs), so the two can be compared.
+kernels inside the same CUDA graphs), so the two can be compared. `--prefill` profiles instead the
+prefill of `bench/serve_check.py`'s 32 prompts (128 to 1,024 tokens) sent at once, one new token
+each: what sets the first tokens of a burst.
 
-    GPU:  python3 bench/decode_profile.py [--compile]
+    GPU:  python3 bench/decode_profile.py [--compile | --prefill]
     CPU:  .venv/bin/python bench/decode_profile.py --tiny   (checks the script; timings mean nothing)
 
 Prints one JSON line per figure and writes $OUT/decode_profile[-compiled].json (or /tmp).
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import sys
 import time
 from collections import defaultdict
@@ -90,6 +93,7 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--prefill", action="store_true", help="profile a burst's prefill instead")
     args = parser.parse_args()
     env = Env(args.tiny)
     from torch.profiler import ProfilerActivity, profile
@@ -112,7 +116,26 @@ def main() -> int:
     engine.start()
     activities = [ProfilerActivity.CUDA] if env.cuda else [ProfilerActivity.CPU]
 
+    async def burst() -> None:
+        # serve_check's prompts (its lengths, from the same seed), one new token each
+        rng = random.Random(7)
+        lengths = [rng.randint(16, 128) if args.tiny else rng.randint(128, 1024) for _ in range(args.streams)]
+        cases = [(prompt_ids(100 + i, n), refs[i % 2] if i % 3 else None) for i, n in enumerate(lengths)]
+        for _ in range(2):  # a warm-up, then timed
+            env.sync()
+            t = time.perf_counter()
+            outs = await asyncio.gather(*(stream(engine, p, ref, 1, None) for p, ref in cases))
+            env.sync()
+        log("prefill_wall_ms", round((time.perf_counter() - t) * 1e3, 1))
+        log("prefill_first_token_ms", sorted(round(r.time_to_first_token_s * 1e3) for _, r, _ in outs))
+        with profile(activities=activities) as prof:
+            await asyncio.gather(*(stream(engine, p, ref, 1, None) for p, ref in cases))
+            env.sync()
+        log("prefill_kernels", kernels(prof, 1, args.top))
+
     async def run() -> None:
+        if args.prefill:
+            return await burst()
         ids = prompt_ids(1, 64)
         started = time.perf_counter()
         await stream(engine, ids, refs[0], 8, None)  # warm-up (and compilation, with --compile)
@@ -147,6 +170,7 @@ def main() -> int:
     finally:
         engine.shutdown()
     name = "decode_profile-compiled.json" if args.compile else "decode_profile.json"
+    name = "prefill_profile.json" if args.prefill else name
     path = Path(os.environ.get("OUT") or "/tmp") / name
     path.write_text(json.dumps(results, indent=1, default=str))
     print(f"wrote {path}")

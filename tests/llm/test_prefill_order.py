@@ -71,9 +71,9 @@ async def test_prompts_that_arrive_together_prefill_shortest_first(tiny_model: L
     finally:
         engine.shutdown()
     assert all(result.finish_reason == "length" for result in results)
-    # Round 1: 10 + 20 + 25 in one pass, then 5 tokens of the 30 (what is left of the budget).
-    # Round 2: the rest of the 30 first (partly fed), then 35 of the 40; round 3: its last 5.
-    assert of(record, "prefill") == [55, 5, 25, 35, 5]
+    # Round 1: 10 + 20 + 25 in one pass; the 30 does not fit the 5 left, and waits whole for
+    # round 2 (begun there, it would take a pass of its own); the 40 then waits for round 3.
+    assert of(record, "prefill") == [55, 30, 40]
     assert of(record, "first") == [10, 20, 25, 30, 40]
 
 
