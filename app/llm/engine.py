@@ -12,8 +12,9 @@ stalls the others' streams for its whole prefill), then one forward pass advance
 sequence by one token, each row with its own adapter (app/llm/lora.py; rows without one use the bare
 base). A sequence joins the batch when its prompt is done and leaves it the moment it finishes
 (app/llm/batch.py keeps the rows' KV caches in fixed buffers, and on a GPU the step is replayed from
-a CUDA graph, app/llm/graphs.py). Each step's tokens are chosen on the device and fed to the next
-step there, which is launched before the host reads and streams them (`_decode`). Up to
+a CUDA graph, app/llm/graphs.py, which the worker captures while it has nothing else to do). Each
+step's tokens are chosen on the device and fed to the next step there, which is launched before the
+host reads and streams them (`_decode`). Up to
 `max_running` sequences are admitted, within `max_batch_tokens` of KV cache; further requests wait
 in a bounded FIFO queue, and past that `submit()` raises `EngineOverloaded` at once (the API turns
 it into 429 + Retry-After). A request that fails fails alone: in its prefill, or, when a batched

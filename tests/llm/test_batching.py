@@ -189,24 +189,32 @@ async def test_rows_that_leave_and_replies_that_grow_long_change_no_replys_token
     engine = GenerationEngine(model, max_running=4, max_adapters=4, metrics=record)
     engine.start()
     try:
-        streams = []
-        for question, adapter, tokens in cases:
-            ref = adapters[adapter] if adapter else None
-            request = GenerationRequest(
-                prompt(model, question), SamplingParams(tokens, temperature=0), adapter=ref
-            )
-            streams.append(engine.submit(request))
-            first = await anext(streams[-1])  # in the batch before the next one comes: rows in this order
-            streams[-1].first = first.text  # type: ignore[attr-defined]
-        replies = []
-        for stream in streams:
-            text, result = await stream.collect()
-            assert result.finish_reason == "length", result
-            replies.append(stream.first + text)  # type: ignore[attr-defined]
+        replies = await join_in_order(engine, model, adapters, cases)
     finally:
         engine.shutdown()
     assert replies == expected
     assert max(size for kind, size in record.events if kind == "step") == 3
+
+
+async def join_in_order(
+    engine: GenerationEngine, model: LoadedModel, adapters: dict[str, AdapterRef], cases: list
+) -> list[str]:
+    """Submit each (question, adapter, tokens) once the one before is in the batch (its first
+    token out), so the rows are in this order; the whole replies, each to its length."""
+    streams, firsts = [], []
+    for question, adapter, tokens in cases:
+        ref = adapters[adapter] if adapter else None
+        request = GenerationRequest(
+            prompt(model, question), SamplingParams(tokens, temperature=0), adapter=ref
+        )
+        streams.append(engine.submit(request))
+        firsts.append((await anext(streams[-1])).text)
+    replies = []
+    for first, stream in zip(firsts, streams, strict=True):
+        text, result = await stream.collect()
+        assert result.finish_reason == "length", result
+        replies.append(first + text)
+    return replies
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
@@ -230,25 +238,16 @@ async def test_on_a_gpu_the_idle_engine_captures_the_steps_and_decoding_waits_fo
             for name in ("finance", "hr"):
                 assert await engine.preload_adapter(adapters[name])
             await engine.capture_graphs()  # what the idle worker has not captured yet
-            held = len(engine._batch.graphs) if graphs else 0
-            captures = engine._batch.graphs.captures if graphs else 0
-            streams = []
-            for question, adapter, tokens in cases:
-                ref = adapters[adapter] if adapter else None
-                request = GenerationRequest(
-                    prompt(model, question), SamplingParams(tokens, temperature=0), adapter=ref
-                )
-                streams.append(engine.submit(request))
-                await anext(streams[-1])  # in the batch before the next one comes
-            results = [await stream.collect() for stream in streams]
-            assert all(result.finish_reason == "length" for _, result in results)
-            replies[graphs] = [text for text, _ in results]
-            if graphs:
+            held = engine._batch.graphs
+            assert (held is not None) == graphs
+            before = None if held is None else (len(held), held.captures)
+            replies[graphs] = await join_in_order(engine, model, adapters, cases)
+            if held is not None:
                 # 4 rows at most: batch buckets 1, 2, 4; every power of two of columns from
-                # FIRST_COLUMNS to the context window; without and with LoRA.
+                # FIRST_COLUMNS to the context window; without and with LoRA. And no step
+                # waited for a capture.
                 widths = (model.context_window - 1).bit_length() - FIRST_COLUMNS.bit_length() + 2
-                assert held == 3 * widths * 2
-                assert engine._batch.graphs.captures == captures, "no step waited for a capture"
+                assert before == (3 * widths * 2, held.captures)
         finally:
             engine.shutdown()
     assert replies[True] == replies[False]
