@@ -18,7 +18,7 @@ which the engine captures while it is idle, so that steps need not wait for a ca
 
 Memory: the buffers hold `max_running` rows of the whole context window, allocated once: a graph
 replays the addresses it was captured with, so buffers that grew with the sequences would throw
-every graph away at each growth (capturing one takes about 0.2 s of a Falcon-7B's time on an H200,
+every graph away at each growth (capturing one takes 0.1 to 0.2 s of a Falcon-7B's time on an H200,
 each bucket again as a batch drains). Falcon-7B's multi-query attention keeps a token in 8 KiB
 (2 x 1 head x 64 x 32 layers x 2 bytes), so 32 rows of 2,048 tokens take 512 MiB; a model with
 full multi-head attention pays its heads' worth more (MAX_RUNNING_GENERATIONS and CONTEXT_WINDOW
