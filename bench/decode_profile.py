@@ -6,7 +6,8 @@ On the Falcon-7B-shaped random checkpoint of `bench/gpu_check.py`, with rank-16 
 `--compile` first compiles the decoder layers with `torch.compile` (a trial: fused elementwise
 kernels inside the same CUDA graphs), so the two can be compared. `--prefill` profiles instead the
 prefill of `bench/serve_check.py`'s 32 prompts (128 to 1,024 tokens) sent at once, one new token
-each: what sets the first tokens of a burst.
+each: what sets the first tokens of a burst; its GPU kernels, and the worker thread's operators
+by host time with its waits for the GPU (read-backs, syncs).
 
     GPU:  python3 bench/decode_profile.py [--compile | --prefill]
     CPU:  .venv/bin/python bench/decode_profile.py --tiny   (checks the script; timings mean nothing)
@@ -86,6 +87,28 @@ def kernels(prof: Any, steps: int, top: int) -> list[dict[str, Any]]:
     return out
 
 
+def host_ops(prof: Any, top: int) -> dict[str, Any]:
+    """The host's operators by self time (ms), and its waits for the GPU: read-backs and syncs."""
+    averages = prof.key_averages()
+    ops = sorted(
+        (event for event in averages if event.device_type == torch.autograd.DeviceType.CPU),
+        key=lambda event: -event.self_cpu_time_total,
+    )
+    waits = ("aten::_local_scalar_dense", "aten::item", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+             "cudaEventSynchronize", "cudaMemcpy")  # fmt: skip
+    return {
+        "top": [
+            {"op": event.key[:80], "self_ms": round(event.self_cpu_time_total / 1e3, 2), "calls": event.count}
+            for event in ops[:top]
+        ],
+        "waits": {
+            event.key: {"calls": event.count, "ms": round(event.cpu_time_total / 1e3, 2)}
+            for event in averages
+            if event.key.startswith(waits)
+        },
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true")
@@ -128,10 +151,16 @@ def main() -> int:
             env.sync()
         log("prefill_wall_ms", round((time.perf_counter() - t) * 1e3, 1))
         log("prefill_first_token_ms", sorted(round(r.time_to_first_token_s * 1e3) for _, r, _ in outs))
-        with profile(activities=activities) as prof:
-            await asyncio.gather(*(stream(engine, p, ref, 1, None) for p, ref in cases))
-            env.sync()
+        # With the host's side too: what the worker thread spends, and where it waits for the GPU
+        # (aten::_local_scalar_dense is a value read back; the Synchronize calls are waits). The
+        # profiler records the operators of the thread it starts on: the worker's.
+        prof = profile(activities=sorted({ProfilerActivity.CPU, *activities}, key=str))
+        await engine.call(prof.start)
+        await asyncio.gather(*(stream(engine, p, ref, 1, None) for p, ref in cases))
+        env.sync()
+        await engine.call(prof.stop)
         log("prefill_kernels", kernels(prof, 1, args.top))
+        log("prefill_host", host_ops(prof, args.top))
 
     async def run() -> None:
         if args.prefill:
