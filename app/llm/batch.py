@@ -129,7 +129,15 @@ class DecodeBatch:
 
     def allocate(self, like: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """The cache's buffers, shaped after a prefilled cache's layers (`prefill_layers`)."""
-        self.cache = SlotCache(like, self.capacity, self.max_length)
+        try:
+            self.cache = SlotCache(like, self.capacity, self.max_length)
+        except torch.OutOfMemoryError as error:
+            token_bytes = sum(2 * k.shape[1] * k.shape[3] * k.element_size() for k, _ in like)
+            size = token_bytes * self.capacity * self.max_length / 2**30
+            raise torch.OutOfMemoryError(
+                f"the KV cache of {self.capacity} sequences x {self.max_length} tokens ({size:.1f} GiB) "
+                "does not fit beside the model: lower MAX_RUNNING_GENERATIONS or CONTEXT_WINDOW"
+            ) from error
         self._column_ids = torch.arange(self.max_length, device=self.device)
 
     def feed(self, tokens: torch.Tensor) -> None:

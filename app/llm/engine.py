@@ -764,7 +764,10 @@ class GenerationEngine:
         """A prompt is in: stream its first token and move its cache into the decoding batch."""
         seq.cache = None
         if self._accept(seq, token):
-            self._batch.add(seq, token, cache, seq.prompt_len, start)
+            try:  # the first sequence allocates the batch's KV buffers: out of memory ends it alone
+                self._batch.add(seq, token, cache, seq.prompt_len, start)
+            except Exception as error:
+                self._fail(seq, error)
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache

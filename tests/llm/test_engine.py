@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -179,6 +180,33 @@ async def test_a_failing_request_fails_alone(engine: GenerationEngine, tiny_mode
     text, good_result = await good.collect()
     assert bad_result.finish_reason == "error" and "IndexError" in (bad_result.error or "")
     assert good_result.finish_reason == "length" and len(text) > 0
+
+
+async def test_kv_buffers_that_do_not_fit_fail_the_request_that_needs_them_and_the_engine_goes_on(
+    engine: GenerationEngine, tiny_model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first sequence to join allocates the batch's KV buffers (every row, the whole context
+    window). When the GPU cannot hold them, that request ends with an error that says what to
+    lower, and the next one allocates them again."""
+    from app.llm import batch
+
+    real = batch.SlotCache
+    refused = []
+
+    def out_of_memory_once(*args: Any) -> Any:
+        if not refused:  # the GPU saying no, as torch raises it from an allocation
+            refused.append(args)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+        return real(*args)
+
+    monkeypatch.setattr(batch, "SlotCache", out_of_memory_once)
+    _, first = await engine.submit(GenerationRequest(prompt(tiny_model), greedy(8))).collect()
+    text, second = await engine.submit(GenerationRequest(prompt(tiny_model), greedy(8))).collect()
+    assert first.finish_reason == "error", first
+    assert "KV cache of 2 sequences" in (first.error or "") and "MAX_RUNNING_GENERATIONS" in (
+        first.error or ""
+    )
+    assert second.finish_reason == "length" and len(text) > 0
 
 
 def test_tokens_are_chosen_without_the_host_as_torch_multinomial_draws_them() -> None:
