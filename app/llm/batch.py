@@ -56,10 +56,6 @@ class SlotCache:
         self.write_at = torch.zeros(0, dtype=torch.long, device=device)  # [batch] each row's new column
         self.columns = length  # columns attention reads
 
-    @property
-    def length(self) -> int:
-        return int(self.keys[0].shape[2])
-
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # every row has its own length; the step passes positions explicitly
 
