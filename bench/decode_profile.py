@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import sys
 import time
 from collections import defaultdict
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.adapter_check import make_adapter
 from bench.gpu_check import Env, log, make_checkpoint, results
-from bench.serve_check import WORK, prompt_ids, stream
+from bench.serve_check import WORK, burst_prompts, prompt_ids, stream
 
 
 def compile_decoder_layers(model: Any) -> int:
@@ -140,10 +139,9 @@ def main() -> int:
     activities = [ProfilerActivity.CUDA] if env.cuda else [ProfilerActivity.CPU]
 
     async def burst() -> None:
-        # serve_check's prompts (its lengths, from the same seed), one new token each
-        rng = random.Random(7)
-        lengths = [rng.randint(16, 128) if args.tiny else rng.randint(128, 1024) for _ in range(args.streams)]
-        cases = [(prompt_ids(100 + i, n), refs[i % 2] if i % 3 else None) for i, n in enumerate(lengths)]
+        # serve_check's prompts, one new token each
+        prompts = burst_prompts(args.streams, args.tiny)
+        cases = [(p, refs[i % 2] if i % 3 else None) for i, p in enumerate(prompts)]
         for _ in range(2):  # a warm-up, then timed
             env.sync()
             t = time.perf_counter()

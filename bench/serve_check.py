@@ -60,6 +60,13 @@ def prompt_ids(seed: int, length: int) -> list[int]:
     return [rng.randrange(100, 60000) for _ in range(length)]
 
 
+def burst_prompts(streams: int, tiny: bool) -> list[list[int]]:
+    """The load's prompts: 128 to 1,024 tokens each (16 to 128 with --tiny), the same every run."""
+    rng = random.Random(7)
+    lo, hi = (16, 128) if tiny else (128, 1024)
+    return [prompt_ids(100 + i, rng.randint(lo, hi)) for i in range(streams)]
+
+
 def pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -425,12 +432,8 @@ def main() -> int:
             make_adapter(env, layers, WORK / f"a{i}", seed=i + 1)  # the directory, and a zip beside it
             refs.append(AdapterRef(key=f"a{i}", path=WORK / f"a{i}", label=f"a{i}"))
         refs, spare = refs[:-1], refs[-1]
-        rng = random.Random(7)
-        lo, hi = (16, 128) if args.tiny else (128, 1024)
         names: list[str | None] = [None, *(ref.key for ref in refs)]
-        cases = [
-            (prompt_ids(100 + i, rng.randint(lo, hi)), names[i % len(names)]) for i in range(args.streams)
-        ]
+        cases = [(p, names[i % len(names)]) for i, p in enumerate(burst_prompts(args.streams, args.tiny))]
         log("load.prompt_tokens", sorted(len(p) for p, _ in cases))
     except Exception as error:
         traceback.print_exc()

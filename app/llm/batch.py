@@ -106,6 +106,10 @@ class DecodeBatch:
         self._inputs = torch.zeros((3, capacity), dtype=torch.long, device=device)
         self._column_ids = torch.zeros(0, dtype=torch.long, device=device)
         self.graphs = DecodeGraphs(device) if cuda_graphs and device.type == "cuda" else None
+        # Every (batch bucket, columns) a captured step can take, smallest first
+        batches = sorted({_bucket(rows, capacity) for rows in range(1, capacity + 1)})
+        widths = sorted({self._columns_for(1 << i) for i in range(max_length.bit_length() + 1)})
+        self._step_shapes = [(b, c) for c in widths for b in batches]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -214,20 +218,15 @@ class DecodeBatch:
         `structure` yet, smallest first; `lora`: whether steps can run adapters."""
         if self.graphs is None:
             return []
-        batches = sorted({_bucket(rows, self.capacity) for rows in range(1, self.capacity + 1)})
-        columns = sorted(
-            {self._columns_for(c) for c in (1 << i for i in range(self.max_length.bit_length() + 1))}
-        )
-        shapes = [(b, c, w) for w in (False, True)[: 1 + lora] for c in columns for b in batches]
+        shapes = [(b, c, w) for w in (False, True)[: 1 + lora] for b, c in self._step_shapes]
         return self.graphs.missing(structure, shapes)
 
     def capture(self, structure: Hashable, shape: tuple[int, int, bool], forward: Callable[..., Any]) -> None:
         """Capture the step of `shape` (from `uncaptured`) while no sequence is decoding: its
         rows compute on zeros, writing nothing any row will read."""
-        assert self.cache is not None and not self.rows
+        assert self.graphs is not None and self.cache is not None and not self.rows
         batch, columns, with_lora = shape
         self._inputs.zero_()
-        assert self.graphs is not None
         self.graphs.capture(structure, shape, lambda: self._forward(batch, columns, forward, with_lora))
 
 

@@ -14,11 +14,11 @@ base). A sequence joins the batch when its prompt is done and leaves it the mome
 (app/llm/batch.py keeps the rows' KV caches in fixed buffers, and on a GPU the step is replayed from
 a CUDA graph, app/llm/graphs.py, which the worker captures while it has nothing else to do). Each
 step's tokens are chosen on the device and fed to the next step there, which is launched before the
-host reads and streams them (`_decode`). Up to
-`max_running` sequences are admitted, within `max_batch_tokens` of KV cache; further requests wait
-in a bounded FIFO queue, and past that `submit()` raises `EngineOverloaded` at once (the API turns
-it into 429 + Retry-After). A request that fails fails alone: in its prefill, or, when a batched
-step runs out of memory, the newest sequence ends and the others go on.
+host reads and streams them (`_decode`). Up to `max_running` sequences are admitted, within
+`max_batch_tokens` of KV cache; further requests wait in a bounded FIFO queue, and past that
+`submit()` raises `EngineOverloaded` at once (the API turns it into 429 + Retry-After). A request
+that fails fails alone: in its prefill, or, when a batched step runs out of memory, the newest
+sequence ends and the others go on.
 
 Text comes out UTF-8-safe (a character split across tokens is held back until complete), and
 stop sequences are held back until they can be ruled out, so no stop text is ever streamed.
@@ -508,8 +508,7 @@ class GenerationEngine:
             if self._running:  # a capture computes on rows that sequences would hold
                 raise RuntimeError("capture_graphs needs an engine with nothing running")
             count = 0
-            while self._uncaptured():
-                self._capture_graph()
+            while self._capture_graph():
                 count += 1
             return count
 
@@ -523,14 +522,15 @@ class GenerationEngine:
             return []
         return self._batch.uncaptured(structure, lora=self.adapters.lora.rank > 0)
 
-    def _capture_graph(self) -> None:
-        """Capture the first of `_uncaptured` (with no sequence decoding): steps replay graphs
-        from their first token instead of waiting for a capture, 0.1 to 0.2 s each on a Falcon-7B
-        (every batch size, cache width and adapter set-up: tens of graphs at start-up, and again
-        after an adapter of a higher rank)."""
+    def _capture_graph(self) -> bool:
+        """Capture the first of `_uncaptured` (with no sequence decoding); False when there was
+        none to capture, or the capture failed. Steps then replay graphs from their first token
+        instead of waiting for a capture, 0.1 to 0.2 s each on a Falcon-7B (every batch size, cache
+        width and adapter set-up: tens of graphs at start-up, and again after an adapter of a
+        higher rank)."""
         shapes = self._uncaptured()
         if not shapes:
-            return
+            return False
         structure = self.adapters.lora.version
         started = time.perf_counter()
         try:
@@ -546,11 +546,12 @@ class GenerationEngine:
         except Exception:
             log.exception("could not capture the decoding step's graphs; steps capture their own")
             self._capture_failed = structure
-            return
+            return False
         self._capture_seconds += time.perf_counter() - started
         if len(shapes) == 1:
             log.info("captured the decoding step's CUDA graphs in %.1f s", self._capture_seconds)
             self._capture_seconds = 0.0
+        return True
 
     def _admit(self) -> None:
         """Move waiting requests into free running slots, in order, holding their adapters.

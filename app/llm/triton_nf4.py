@@ -560,7 +560,7 @@ def enable_rows(model: nn.Module) -> int:
                 x = torch.zeros(rows, weight.k, dtype=torch.bfloat16, device=weight.words.device)
                 nf4_matmul(x, weight)
     for module in layers:
-        module.nf4_rows = MAX_ROWS
+        module.nf4_rows = True
     return len(layers)
 
 
@@ -602,7 +602,8 @@ def one_row(layer: Any, x: torch.Tensor) -> bool:
 def _few_rows(layer: Any, x: torch.Tensor) -> bool:
     rows = x.numel() // x.shape[-1]
     return (
-        1 < rows <= getattr(layer, "nf4_rows", 0)
+        1 < rows <= MAX_ROWS
+        and getattr(layer, "nf4_rows", False)
         and not hasattr(layer, "dequantized_weight")  # cuBLAS on the copy is faster still
         and _takes(layer, x)
     )

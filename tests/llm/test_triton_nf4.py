@@ -107,9 +107,11 @@ def test_the_matmul_kernel_gives_bitsandbytes_dequantized_product(k: int, n: int
             assert got.shape == (rows, n)
             assert float((got - expected).abs().max() / scale) < 1e-2, (rows, config)
         # The split reduction adds its slices in a fixed order, and each call leaves its tiles'
-        # counts at 0 for the next: the same bits every time.
+        # counts at 0 for the next (else no program of the next would find itself the last, and
+        # its output would be whatever memory it got): the same bits every time.
         split = MatmulConfig(split=4)
         assert torch.equal(nf4_matmul(x, weight, split), nf4_matmul(x, weight, split))
+        assert not weight.arrived.any()
 
 
 def test_one_token_passes_take_the_kernel_and_longer_ones_keep_bitsandbytes(tiny_model_dir: Path) -> None:
