@@ -51,8 +51,11 @@ def test_mixed_rows_match_peft_as_ranks_grow_and_patterns_apply(
     assert resident.lora.rank == 8
     with torch.no_grad():
         got = resident.forward([None if key == BASE else key for key in rows], input_ids=tokenizer_ids).logits
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(got[0], got[1], atol=1e-3), "the adapters change the output"
+    # fp32 logits reach ~100 here, and PEFT adds each update on its own where the slots add them
+    # inside one matmul: a reordered sum, up to 3e-4 apart on an AMD EPYC's kernels. A wrong slot,
+    # scale or rank changes them by whole units (the adapters move them by up to 20).
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+    assert not torch.allclose(got[0], got[1], atol=1e-1), "the adapters change the output"
 
 
 def test_an_unloaded_slot_leaves_nothing_behind_for_its_next_tenant(
