@@ -5,20 +5,23 @@ On the Falcon-7B-shaped random checkpoint of `bench/gpu_check.py`, with rank-16 
 `torch.profiler` records every kernel; the table gives each kernel's GPU time and count per step.
 `--compile` first compiles the decoder layers with `torch.compile` (a trial: fused elementwise
 kernels inside the same CUDA graphs), so the two can be compared. `--prefill` profiles instead the
-prefill of `bench/serve_check.py`'s 32 prompts (128 to 1,024 tokens) sent at once, one new token
-each: what sets the first tokens of a burst; its GPU kernels, and the worker thread's operators
-by host time with its waits for the GPU (read-backs, syncs).
+prefill of `bench/serve_check.py`'s 32 prompts (128 to 1,024 tokens) sent at once, two new tokens
+each: what sets the first tokens of a burst. Its GPU kernels; the worker thread's operators by
+host time, with its waits for the GPU (read-backs, syncs); and when the GPU sat idle, put down to
+the engine's phase at the time (`gpu_idle`).
 
-    GPU:  python3 bench/decode_profile.py [--compile | --prefill]
+    GPU:  python3 bench/decode_profile.py [--compile | --prefill [--prefill-chunk N]]
     CPU:  .venv/bin/python bench/decode_profile.py --tiny   (checks the script; timings mean nothing)
 
-Prints one JSON line per figure and writes $OUT/decode_profile[-compiled].json (or /tmp).
+Prints one JSON line per figure and writes $OUT/decode_profile[-compiled].json
+(prefill_profile-N.json with --prefill), or to /tmp.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import sys
@@ -108,6 +111,74 @@ def host_ops(prof: Any, top: int) -> dict[str, Any]:
     }
 
 
+# The worker's phases, as app/llm/engine.py labels them with record_function
+PHASES = ("admit", "prefill", "packed pass", "first tokens", "join", "decode", "stream tokens")
+
+
+def gpu_idle(prof: Any, top: int) -> dict[str, Any]:
+    """When the GPU had nothing to run, and what the worker was doing meanwhile.
+
+    The GPU's busy time is the union of its kernels and copies; each gap between them is put down
+    to the innermost engine phase running on the worker at its middle, with the worker's operators
+    then (outermost first) for the longest gaps. A gap inside "packed pass" is the host launching
+    slower than the GPU computes; one inside "first tokens" or "join" is the work after a pass.
+    """
+    events = prof.events()
+    cpu, gpu = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    labels = [e for e in events if e.device_type == cpu and e.name in PHASES]
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == gpu and e.name not in PHASES
+    )
+    if not spans or not labels:
+        return {}
+    busy = [list(spans[0])]
+    for start, end in spans[1:]:
+        if start <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], end)
+        else:
+            busy.append([start, end])
+    worker = labels[0].thread
+    ops = [e for e in events if e.device_type == cpu and e.thread == worker]
+    origin = min(e.time_range.start for e in labels)
+
+    def around(t: float, among: list[Any]) -> list[Any]:
+        inside = (e for e in among if e.time_range.start <= t < e.time_range.end)
+        return sorted(inside, key=lambda e: e.time_range.start)
+
+    gaps = [(a[1], b[0]) for a, b in itertools.pairwise(busy) if b[0] - a[1] >= 20]  # µs
+    by_phase: dict[str, float] = defaultdict(float)
+    for start, end in gaps:
+        inside = around((start + end) / 2, labels)
+        by_phase[inside[-1].name if inside else "(between phases)"] += (end - start) / 1e3
+    longest = sorted(gaps, key=lambda gap: gap[0] - gap[1])[:top]
+    return {
+        "window_ms": round((busy[-1][1] - origin) / 1e3, 1),
+        "first_kernel_at_ms": round((busy[0][0] - origin) / 1e3, 1),
+        "gpu_busy_ms": round(sum(end - start for start, end in busy) / 1e3, 1),
+        "idle_ms_by_phase": {
+            name: round(ms, 1) for name, ms in sorted(by_phase.items(), key=lambda kv: -kv[1])
+        },
+        "phases": [
+            {
+                "phase": e.name,
+                "at_ms": round((e.time_range.start - origin) / 1e3, 1),
+                "ms": round((e.time_range.end - e.time_range.start) / 1e3, 1),
+            }
+            for e in sorted(labels, key=lambda e: e.time_range.start)
+        ],
+        "longest_gaps": [
+            {
+                "at_ms": round((start - origin) / 1e3, 1),
+                "ms": round((end - start) / 1e3, 2),
+                "worker": [e.name[:60] for e in around((start + end) / 2, ops)][-6:],
+            }
+            for start, end in longest
+        ],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true")
@@ -116,6 +187,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--prefill", action="store_true", help="profile a burst's prefill instead")
+    parser.add_argument("--prefill-chunk", type=int, default=8192, help="the engine's PREFILL_CHUNK_TOKENS")
     args = parser.parse_args()
     env = Env(args.tiny)
     from torch.profiler import ProfilerActivity, profile
@@ -134,18 +206,21 @@ def main() -> int:
         refs.append(AdapterRef(key=f"p{i}", path=WORK / f"p{i}", label=f"p{i}"))
     if args.compile:
         log("compiled_layers", compile_decoder_layers(loaded.model))
-    engine = GenerationEngine(loaded, max_running=args.streams + 2, max_queued=64, max_adapters=4)
+    engine = GenerationEngine(
+        loaded, max_running=args.streams + 2, max_queued=64, max_adapters=4, prefill_chunk=args.prefill_chunk
+    )
     engine.start()
     activities = [ProfilerActivity.CUDA] if env.cuda else [ProfilerActivity.CPU]
 
     async def burst() -> None:
-        # serve_check's prompts, one new token each
+        # serve_check's prompts, two new tokens each: the first from the prefill, the second from a
+        # decoding step, so the caches join the batch as they do in serving
         prompts = burst_prompts(args.streams, args.tiny)
         cases = [(p, refs[i % 2] if i % 3 else None) for i, p in enumerate(prompts)]
         for _ in range(2):  # a warm-up, then timed
             env.sync()
             t = time.perf_counter()
-            outs = await asyncio.gather(*(stream(engine, p, ref, 1, None) for p, ref in cases))
+            outs = await asyncio.gather(*(stream(engine, p, ref, 2, None) for p, ref in cases))
             env.sync()
         log("prefill_wall_ms", round((time.perf_counter() - t) * 1e3, 1))
         log("prefill_first_token_ms", sorted(round(r.time_to_first_token_s * 1e3) for _, r, _ in outs))
@@ -154,11 +229,12 @@ def main() -> int:
         # profiler records the operators of the thread it starts on: the worker's.
         prof = profile(activities=sorted({ProfilerActivity.CPU, *activities}, key=str))
         await engine.call(prof.start)
-        await asyncio.gather(*(stream(engine, p, ref, 1, None) for p, ref in cases))
+        await asyncio.gather(*(stream(engine, p, ref, 2, None) for p, ref in cases))
         env.sync()
         await engine.call(prof.stop)
         log("prefill_kernels", kernels(prof, 1, args.top))
         log("prefill_host", host_ops(prof, args.top))
+        log("prefill_gpu_idle", gpu_idle(prof, 15))
 
     async def run() -> None:
         if args.prefill:
@@ -197,7 +273,7 @@ def main() -> int:
     finally:
         engine.shutdown()
     name = "decode_profile-compiled.json" if args.compile else "decode_profile.json"
-    name = "prefill_profile.json" if args.prefill else name
+    name = f"prefill_profile-{args.prefill_chunk}.json" if args.prefill else name
     path = Path(os.environ.get("OUT") or "/tmp") / name
     path.write_text(json.dumps(results, indent=1, default=str))
     print(f"wrote {path}")

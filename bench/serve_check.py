@@ -283,6 +283,7 @@ def engine_part(env: Env, refs: list[Any], spare: Any, cases: list[tuple[list[in
             "tokens_per_s": round(timeline.tokens / window, 1),
             "ttft_p50_ms": ms(pct(timeline.ttft, 0.5)),
             "ttft_p95_ms": ms(pct(timeline.ttft, 0.95)),
+            "ttft_ms": sorted(round(t * 1e3) for t in timeline.ttft),  # which pass each came out of
             "itl_p50_ms": ms(pct(timeline.gaps, 0.5)),
             "itl_p95_ms": ms(pct(timeline.gaps, 0.95)),
             "finish_reasons": {r: timeline.reasons.count(r) for r in set(timeline.reasons)},

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import torch
+from torch.profiler import record_function
 
 from app.llm.adapters import AdapterFiles, AdapterRef, AdapterUnavailable, ResidentAdapters, read_adapter
 from app.llm.attention import multi_query_attention, packed_prompts
@@ -484,7 +485,8 @@ class GenerationEngine:
                     continue
                 for call in calls:
                     call()
-                self._admit()
+                with record_function("admit"):
+                    self._admit()
                 if self._running:
                     self._round()
                 else:
@@ -610,9 +612,12 @@ class GenerationEngine:
         for seq in [*self._prefilling, *self._batch.rows]:
             if seq.stream.cancelled.is_set() and not seq.done:
                 self._finish(seq, "cancelled")
-        self._prefill()
+        # The labels name the worker's phases in a profile (bench/decode_profile.py --prefill)
+        with record_function("prefill"):
+            self._prefill()
         if len(self._batch):
-            self._decode()
+            with record_function("decode"):
+                self._decode()
         self._batch.keep([i for i, seq in enumerate(self._batch.rows) if not seq.done])
         if not len(self._batch):
             # Every row of the step in flight has ended: none of its tokens will be streamed, and
@@ -704,7 +709,7 @@ class GenerationEngine:
         except Exception as error:  # one request's failure must not take down the others
             self._fail(seq, error)
             return len(chunk)
-        self._join(seq, token, seq.cache)
+        self._join([seq], [token], seq.cache, [0])
         return len(chunk)
 
     def _prefill_packed(self, group: list[_Sequence]) -> None:
@@ -732,7 +737,7 @@ class GenerationEngine:
                 if slots is None
                 else torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)).to(device)[None, :]
             )
-            with packed_prompts(lengths):
+            with packed_prompts(lengths), record_function("packed pass"):
                 out = self._forward(
                     token_slots,
                     input_ids=torch.tensor([[t for seq in group for t in seq.prompt]], device=device),
@@ -744,9 +749,11 @@ class GenerationEngine:
                     ),
                 )
             self.metrics.prefill(sum(lengths), time.perf_counter() - started)
-            tokens = [
-                sample_token(out.logits[0, i], seq.params, seq.generator) for i, seq in enumerate(group)
-            ]
+            # Chosen on the device and read back at once (one wait for the GPU, not one per prompt)
+            with record_function("first tokens"):
+                tokens = choose_tokens(
+                    out.logits[0], [seq.params for seq in group], [seq.generator for seq in group]
+                ).tolist()
         except Exception as error:
             if len(group) == 1:
                 self._fail(group[0], error)
@@ -758,16 +765,25 @@ class GenerationEngine:
             for seq in group:
                 self._prefill_chunk(seq, seq.prompt_len)
             return
-        for seq, token, start in zip(group, tokens, starts, strict=True):
-            self._join(seq, token, cache, start)
+        self._join(group, tokens, cache, starts)
 
-    def _join(self, seq: _Sequence, token: int, cache: Any, start: int = 0) -> None:
-        """A prompt is in: stream its first token and move its cache into the decoding batch."""
-        seq.cache = None
-        if self._accept(seq, token):
-            try:  # the first sequence allocates the batch's KV buffers: out of memory ends it alone
-                self._batch.add(seq, token, cache, seq.prompt_len, start)
-            except Exception as error:
+    def _join(self, group: list[_Sequence], tokens: list[int], cache: Any, starts: list[int]) -> None:
+        """Prompts are in: stream their first tokens, then move the caches of those that go on
+        (sequence i's from column `starts[i]` of `cache`) into the decoding batch: the tokens of a
+        packed pass need not wait for the copies."""
+        going_on = []
+        for seq, token, start in zip(group, tokens, starts, strict=True):
+            seq.cache = None
+            if self._accept(seq, token):
+                going_on.append((seq, token, start))
+        if not going_on:
+            return
+        seqs, first_tokens, columns = (list(column) for column in zip(*going_on, strict=True))
+        try:  # the first sequences allocate the batch's KV buffers: out of memory ends them alone
+            with record_function("join"):
+                self._batch.add(seqs, first_tokens, cache, [seq.prompt_len for seq in seqs], columns)
+        except Exception as error:
+            for seq in seqs:
                 self._fail(seq, error)
 
     def _new_cache(self) -> Any:
@@ -815,7 +831,8 @@ class GenerationEngine:
                     self._fail(seq, error)
             return
         previous, self._unread = self._unread, launched
-        self._stream_step(previous)
+        with record_function("stream tokens"):
+            self._stream_step(previous)
 
     def _stream_step(self, step: _Step | None) -> None:
         """Stream a launched step's tokens (waiting for them) to its rows that are still going."""
