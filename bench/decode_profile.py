@@ -213,6 +213,11 @@ def main() -> int:
     activities = [ProfilerActivity.CUDA] if env.cuda else [ProfilerActivity.CPU]
 
     async def burst() -> None:
+        # The adapters, every decoding graph and every pass size first, as a server's start-up has
+        # them: the worker would otherwise do that while idle between the bursts, and a burst wait.
+        for ref in refs:
+            await engine.preload_adapter(ref)
+        log("warm_up", await engine.warm_up())
         # serve_check's prompts, two new tokens each: the first from the prefill, the second from a
         # decoding step, so the caches join the batch as they do in serving
         prompts = burst_prompts(args.streams, args.tiny)

@@ -51,6 +51,7 @@ from app.llm.dequantized import keep_dequantized
 from app.llm.graphs import make_capturable
 from app.llm.loader import LoadedModel
 from app.llm.metrics import EngineMetrics
+from app.llm.shapes import Shape, logit_rows, pass_tokens, prefill_shapes, warm
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +293,7 @@ class GenerationEngine:
         cuda_graphs: bool = True,
         keep_dequantized_weights: bool = False,
         triton_kernels: bool = True,
+        warm_pass_sizes: bool | None = None,
         metrics: EngineMetrics | None = None,
     ) -> None:
         self.model = model
@@ -319,6 +321,12 @@ class GenerationEngine:
             make_capturable(model.model)
         self._capture_failed: Hashable = None  # the adapters' set-up a graph capture failed for
         self._capture_seconds = 0.0
+        # Prefill pass sizes warmed while idle, per adapters' set-up (app/llm/shapes.py); by default
+        # on a GPU only: the CPU's kernels do not depend on having met a shape before.
+        self._warm_pass_sizes = model.device.type == "cuda" if warm_pass_sizes is None else warm_pass_sizes
+        self._pass_shapes = prefill_shapes(prefill_chunk, max_running)
+        self._warmed: set[tuple[Hashable, Shape]] = set()
+        self._warm_failed: Hashable = None
         if keep_dequantized_weights:
             # Memory for speed: passes of several tokens skip dequantizing every weight each time
             # (app/llm/dequantized.py).
@@ -472,16 +480,16 @@ class GenerationEngine:
                     if not (self._waiting or self._running):
                         self.metrics.idle()
                     while not (self._stopping or self._waiting or self._running or self._calls):
-                        if self._uncaptured():
-                            break  # idle: capture a graph, then look again
+                        if self._uncaptured() or self._unwarmed():
+                            break  # idle: capture a graph or warm a pass size, then look again
                         self._cond.wait()
                     if self._stopping:
                         break
                     calls, self._calls = self._calls, []
                     idle = not (calls or self._waiting or self._running)
                 if idle:
-                    # One graph at a time: a request that comes meanwhile waits for one capture.
-                    self._capture_graph()
+                    # One at a time: a request that comes meanwhile waits for one capture or warm-up.
+                    self._capture_graph() or self._warm_pass_size()
                     continue
                 for call in calls:
                     call()
@@ -502,19 +510,44 @@ class GenerationEngine:
             self._prefilling.clear()
             self._batch.keep([])
 
-    async def capture_graphs(self) -> int:
-        """Capture every decoding step's CUDA graph not captured yet, now rather than when the
-        worker is next idle (a benchmark's warm-up); returns how many."""
+    async def warm_up(self) -> dict[str, int]:
+        """Do now what the worker does while idle (a benchmark's start-up): capture every decoding
+        step's CUDA graph and warm every prefill pass size not done yet; returns how many of each."""
 
-        def capture_all() -> int:
+        def warm_all() -> dict[str, int]:
             if self._running:  # a capture computes on rows that sequences would hold
-                raise RuntimeError("capture_graphs needs an engine with nothing running")
-            count = 0
+                raise RuntimeError("warm_up needs an engine with nothing running")
+            done = {"graphs": 0, "pass_sizes": 0}
             while self._capture_graph():
-                count += 1
-            return count
+                done["graphs"] += 1
+            while self._warm_pass_size():
+                done["pass_sizes"] += 1
+            return done
 
-        return await self.call(capture_all)
+        return await self.call(warm_all)
+
+    def _unwarmed(self) -> list[Shape]:
+        """The prefill pass sizes cuBLAS has not met yet with the adapters' present set-up
+        (app/llm/shapes.py); none on the CPU, where no kernel is chosen per shape."""
+        structure = self.adapters.lora.version
+        if not self._warm_pass_sizes or structure == self._warm_failed:
+            return []
+        return [shape for shape in self._pass_shapes if (structure, shape) not in self._warmed]
+
+    def _warm_pass_size(self) -> bool:
+        """Warm the first of `_unwarmed`; False when there was none, or it failed."""
+        shapes = self._unwarmed()
+        if not shapes:
+            return False
+        structure = self.adapters.lora.version
+        try:
+            warm(self.model.model, self.adapters.lora, shapes[0], self.model.model.dtype)
+        except Exception:
+            log.exception("could not warm the prefill pass sizes; passes choose their kernels as they come")
+            self._warm_failed = structure
+            return False
+        self._warmed.add((structure, shapes[0]))
+        return True
 
     def _uncaptured(self) -> list[tuple[int, int, bool]]:
         """The decoding steps' shapes with no CUDA graph for the adapters' present set-up (after
@@ -720,39 +753,49 @@ class GenerationEngine:
         positions, and each token's LoRA is its request's. The attention hook is told the prompts'
         lengths (`packed_prompts`) and attends within each prompt without a mask; the block-diagonal
         causal mask still goes to the model, for its own mask handling and for any attention call
-        the hook does not take over (the result is the same either way).
+        the hook does not take over (the result is the same either way). The row is padded to one
+        of a few sizes (app/llm/shapes.py) with a segment of its own that nothing reads, and the
+        logits kept likewise, so that cuBLAS has chosen the pass's kernels before.
         """
         device = self.model.device
         lengths = [seq.prompt_len for seq in group]
         starts = [sum(lengths[:i]) for i in range(len(group))]
-        segment = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(lengths)).to(device)
+        padding = pass_tokens(sum(lengths)) - sum(lengths)
+        segments = [*lengths, padding] if padding else lengths
+        segment = torch.repeat_interleave(torch.arange(len(segments)), torch.tensor(segments)).to(device)
         order = torch.arange(len(segment), device=device)
         visible = (segment[:, None] == segment[None, :]) & (order[:, None] >= order[None, :])
         slots = self.adapters.slots([seq.adapter_key for seq in group])
+        last = [start + n - 1 for start, n in zip(starts, lengths, strict=True)]
+        keep = last + last[-1:] * (logit_rows(len(group)) - len(group))
         started = time.perf_counter()
         try:
             cache = self._new_cache()
             token_slots = (
                 None
                 if slots is None
-                else torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)).to(device)[None, :]
+                else torch.repeat_interleave(torch.tensor([*slots, 0]), torch.tensor([*lengths, padding])).to(
+                    device
+                )[None, :]
             )
-            with packed_prompts(lengths), record_function("packed pass"):
+            with packed_prompts(segments), record_function("packed pass"):
                 out = self._forward(
                     token_slots,
-                    input_ids=torch.tensor([[t for seq in group for t in seq.prompt]], device=device),
-                    position_ids=torch.cat([torch.arange(n) for n in lengths]).to(device)[None, :],
+                    input_ids=torch.tensor(
+                        [[t for seq in group for t in seq.prompt] + [0] * padding], device=device
+                    ),
+                    position_ids=torch.cat([torch.arange(n) for n in segments]).to(device)[None, :],
                     attention_mask=visible[None, None],
                     cache=cache,
-                    logits_to_keep=torch.tensor(
-                        [start + n - 1 for start, n in zip(starts, lengths, strict=True)]
-                    ),
+                    logits_to_keep=torch.tensor(keep),
                 )
             self.metrics.prefill(sum(lengths), time.perf_counter() - started)
             # Chosen on the device and read back at once (one wait for the GPU, not one per prompt)
             with record_function("first tokens"):
                 tokens = choose_tokens(
-                    out.logits[0], [seq.params for seq in group], [seq.generator for seq in group]
+                    out.logits[0, : len(group)],
+                    [seq.params for seq in group],
+                    [seq.generator for seq in group],
                 ).tolist()
         except Exception as error:
             if len(group) == 1:

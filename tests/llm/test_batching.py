@@ -21,6 +21,7 @@ from app.llm.engine import GenerationEngine, GenerationRequest, SamplingParams
 from app.llm.loader import LoadedModel, ModelSpec, load_model
 from app.llm.metrics import EngineMetrics
 from app.llm.prompts import ChatTurn, build_prompt
+from app.llm.shapes import pass_tokens
 from tests.conftest import build_adapter
 
 QUESTIONS = [
@@ -237,7 +238,7 @@ async def test_on_a_gpu_the_idle_engine_captures_the_steps_and_decoding_waits_fo
         try:
             for name in ("finance", "hr"):
                 assert await engine.preload_adapter(adapters[name])
-            await engine.capture_graphs()  # what the idle worker has not captured yet
+            await engine.warm_up()  # what the idle worker has not captured yet
             held = engine._batch.graphs
             assert (held is not None) == graphs
             before = None if held is None else (len(held), held.captures)
@@ -297,8 +298,9 @@ async def test_prompts_that_arrive_together_prefill_in_one_pass_with_their_own_a
     assert prefills[0] > max(len(request.prompt_ids) for request in requests), f"packed: {prefills}"
     assert sum(prefills) == sum(len(request.prompt_ids) for request in requests)
     # The packed pass attended per prompt (app/llm/attention.py's packed_prompts): each prompt of it
-    # reached torch alone, causal and without the block-diagonal mask, in every layer.
+    # reached torch alone, causal and without the block-diagonal mask, in every layer; so did the
+    # padding up to the pass's size (app/llm/shapes.py), a segment of its own.
     layers = model.model.config.num_hidden_layers
-    assert sorted(causal_unmasked) == sorted(
-        (len(r.prompt_ids), len(r.prompt_ids)) for r in requests * layers
-    )
+    paddings = [pass_tokens(n) - n for n in prefills]
+    segments = [len(r.prompt_ids) for r in requests] + [n for n in paddings if n]
+    assert sorted(causal_unmasked) == sorted((n, n) for n in segments * layers)
