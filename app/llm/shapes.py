@@ -15,8 +15,6 @@ pass. Passes of up to `FEWEST` tokens run the 4-bit Triton kernels, not cuBLAS, 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -56,30 +54,31 @@ def warm(model: nn.Module, lora: LoraSlots, shape: Shape, dtype: torch.dtype) ->
     output layer on n rows.
     """
     kind, rows = shape
-    output = model.get_output_embeddings()
-    layers = [output] if kind == "logits" else _distinct_linears(model, skip=output)
-    for layer in layers:
-        base = getattr(layer, "base_layer", layer)
-        x = torch.zeros((1, rows, base.in_features), dtype=dtype, device=base.weight.device)
+    output: nn.Linear = model.get_output_embeddings()  # type: ignore[operator]
+    layers = [(output, output)] if kind == "logits" else _distinct_linears(model, skip=output)
+    for layer, base in layers:
+        device = base.weight.device
+        x = torch.zeros((1, rows, base.in_features), dtype=dtype, device=device)
         if kind == "pass" and lora.rank:
-            lora.select(torch.zeros((1, rows), dtype=torch.long, device=base.weight.device))
+            lora.select(torch.zeros((1, rows), dtype=torch.long, device=device))
         try:
             layer(x)
         finally:
             lora.select(None)
 
 
-def _distinct_linears(model: nn.Module, skip: Any) -> list[nn.Module]:
+def _distinct_linears(model: nn.Module, skip: nn.Module) -> list[tuple[nn.Module, nn.Linear]]:
+    """One of each linear layer (by type and size), with the nn.Linear that holds its weight."""
     inner = {id(m.base_layer) for m in model.modules() if isinstance(m, BatchedLoraLinear)}
-    seen: dict[tuple[type, int, int], nn.Module] = {}
+    seen: dict[tuple[type, int, int], tuple[nn.Module, nn.Linear]] = {}
     for module in model.modules():
         if module is skip or id(module) in inner:
             continue
         if isinstance(module, BatchedLoraLinear):
-            key = (type(module), module.base_layer.in_features, module.base_layer.out_features)
+            base = module.base_layer
         elif isinstance(module, nn.Linear):
-            key = (type(module), module.in_features, module.out_features)
+            base = module
         else:
             continue
-        seen.setdefault(key, module)
+        seen.setdefault((type(module), base.in_features, base.out_features), (module, base))
     return list(seen.values())
