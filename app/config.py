@@ -77,9 +77,11 @@ class Settings(BaseSettings):
     # KV cache budget: the prompt + max_tokens of the running replies, summed, may not exceed this many
     # tokens (a reply that would waits). Unset: only MAX_RUNNING_GENERATIONS bounds it.
     max_batch_tokens: Annotated[int | None, Field(ge=1)] = None
-    # Prompt tokens prefilled per engine round, between the running replies' decoding steps: larger
-    # gives new replies their first token sooner, smaller keeps running streams smoother.
-    prefill_chunk_tokens: Annotated[int, Field(ge=16)] = 8192
+    # Prompt tokens prefilled per engine round, between the running replies' decoding steps. A
+    # round's prompts all get their first token when its pass ends: smaller gives a burst's shortest
+    # prompts theirs sooner and its longest later, and keeps running streams smoother (the default
+    # is app.llm.engine.PREFILL_CHUNK, measured there).
+    prefill_chunk_tokens: Annotated[int, Field(ge=16)] = 6144
     # Replay decoding steps from CUDA graphs (on a GPU). false runs every step eagerly: slower, for
     # telling a graph problem from a model problem.
     cuda_graphs: bool = True

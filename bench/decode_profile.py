@@ -187,8 +187,11 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--prefill", action="store_true", help="profile a burst's prefill instead")
-    parser.add_argument("--prefill-chunk", type=int, default=8192, help="the engine's PREFILL_CHUNK_TOKENS")
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="default: the engine's")
     args = parser.parse_args()
+    from app.llm.engine import PREFILL_CHUNK
+
+    args.prefill_chunk = args.prefill_chunk or PREFILL_CHUNK
     env = Env(args.tiny)
     from torch.profiler import ProfilerActivity, profile
 

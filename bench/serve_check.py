@@ -374,7 +374,7 @@ def main() -> int:
     parser.add_argument("--plain-new-tokens", type=int)
     parser.add_argument("--single-tokens", type=int)
     parser.add_argument("--long-prompt", type=int, default=1024)
-    parser.add_argument("--prefill-chunk", type=int, default=8192)
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="default: the engine's")
     parser.add_argument("--no-graphs", action="store_true", help="the engine without CUDA graphs")
     parser.add_argument(
         "--dequantized", action="store_true", help="the engine with KEEP_DEQUANTIZED_WEIGHTS=true"
@@ -390,6 +390,9 @@ def main() -> int:
         "--publish-after", type=float, help="seconds into the load run (while its streams decode)"
     )
     args = parser.parse_args()
+    from app.llm.engine import PREFILL_CHUNK
+
+    args.prefill_chunk = args.prefill_chunk or PREFILL_CHUNK
     env = Env(args.tiny)
     if not args.tiny and not env.cuda:
         print("no CUDA GPU: run with --tiny on the CPU", file=sys.stderr)

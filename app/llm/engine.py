@@ -62,6 +62,13 @@ GREEDY_BELOW = 1e-6
 # A prompt is prefilled in arrival order, no longer shortest first, once this many rounds' prefill
 # budgets went to other prompts while it waited (GenerationEngine._order_prefills).
 PREFILL_PASSED_OVER_ROUNDS = 3
+# Prompt tokens a round prefills (PREFILL_CHUNK_TOKENS). Every prompt of a pass gets its first
+# token when the whole pass ends, so a burst's shortest prompts get theirs sooner from smaller
+# passes, its longest later; and running streams wait for each pass. On an H200, 32 prompts of 166
+# to 974 tokens sent at once (bench/serve_check.py), with 2,850 to 2,940 tokens/s at every budget:
+# first token p50 / mean / p95 180 / 228 / 528 ms at 3,072, 241 / 226 / 477 at 4,096,
+# 150 / 238 / 446 at 6,144 and 219 / 278 / 429 at 8,192 (docs/benchmarks.md, session 8).
+PREFILL_CHUNK = 6144
 T = TypeVar("T")
 
 
@@ -289,7 +296,7 @@ class GenerationEngine:
         max_queued: int = 32,
         max_adapters: int = 8,
         max_batch_tokens: int | None = None,
-        prefill_chunk: int = 8192,
+        prefill_chunk: int = PREFILL_CHUNK,
         cuda_graphs: bool = True,
         keep_dequantized_weights: bool = False,
         triton_kernels: bool = True,
