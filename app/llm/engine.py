@@ -69,6 +69,10 @@ PREFILL_PASSED_OVER_ROUNDS = 3
 # first token p50 / mean / p95 180 / 228 / 528 ms at 3,072, 241 / 226 / 477 at 4,096,
 # 150 / 238 / 446 at 6,144 and 219 / 278 / 429 at 8,192 (docs/benchmarks.md, session 8).
 PREFILL_CHUNK = 6144
+# An idle worker woken by a request waits until requests stop arriving for this long (at most
+# BURST_WAIT_S) before it begins, so that a burst goes in together (GenerationEngine._gather_burst).
+BURST_GAP_S = 0.001
+BURST_WAIT_S = 0.005
 T = TypeVar("T")
 
 
@@ -492,6 +496,8 @@ class GenerationEngine:
                         self._cond.wait()
                     if self._stopping:
                         break
+                    if self._waiting and not self._running:
+                        self._gather_burst()
                     calls, self._calls = self._calls, []
                     idle = not (calls or self._waiting or self._running)
                 if idle:
@@ -516,6 +522,21 @@ class GenerationEngine:
             self._waiting.clear()
             self._prefilling.clear()
             self._batch.keep([])
+
+    def _gather_burst(self) -> None:
+        """With nothing running, wait for requests sent together to finish arriving (until none
+        has come for `BURST_GAP_S`, `BURST_WAIT_S` at most), so that they go in one packed pass.
+
+        They arrive over a few milliseconds (each submission takes the event loop's time, and the
+        worker needs the GIL to run), and the worker wakes at the first. Woken mid-burst, it put 11
+        of 32 prompts in its first pass instead of 19 on an H200, and the median first token came at
+        327 ms instead of 152. A request alone pays `BURST_GAP_S`. Holds `_cond`, as its caller does.
+        """
+        deadline = time.perf_counter() + BURST_WAIT_S
+        seen = -1
+        while len(self._waiting) != seen and time.perf_counter() < deadline:
+            seen = len(self._waiting)
+            self._cond.wait(BURST_GAP_S)
 
     async def warm_up(self) -> dict[str, int]:
         """Do now what the worker does while idle (a benchmark's start-up): capture every decoding

@@ -13,6 +13,9 @@ import asyncio
 import threading
 from collections.abc import Callable
 
+import pytest
+
+from app.llm import engine as engine_module
 from app.llm.engine import (
     PREFILL_PASSED_OVER_ROUNDS,
     GenerationEngine,
@@ -148,3 +151,30 @@ async def test_a_long_prompt_is_passed_over_for_a_bounded_number_of_rounds(tiny_
     assert of(record, "prefill")[: PREFILL_PASSED_OVER_ROUNDS + 1] == [30] * PREFILL_PASSED_OVER_ROUNDS + [25]
     assert firsts.index(25) == 3 * PREFILL_PASSED_OVER_ROUNDS
     assert len(firsts) - firsts.index(25) > 3, "short prompts were still arriving when it went"
+
+
+async def test_an_idle_engine_waits_for_a_burst_to_finish_arriving_before_its_first_pass(
+    tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests sent together reach the worker over some milliseconds, and it wakes at the first:
+    it waits until they stop coming, so they share the first pass (GenerationEngine._gather_burst).
+
+    Here they are submitted 5 ms apart, the event loop asleep in between (the GIL released) so
+    that the worker can wake and run after any of them; the gap the worker waits for is widened
+    from 1 ms to 50 ms, so that a loaded machine's late wake-ups cannot split the burst."""
+    monkeypatch.setattr(engine_module, "BURST_GAP_S", 0.05)
+    monkeypatch.setattr(engine_module, "BURST_WAIT_S", 2.0)
+    record = Record()
+    engine = GenerationEngine(tiny_model, max_running=8, metrics=record)
+    engine.start()
+    try:
+        streams = []
+        for n in (12, 14, 16, 18, 20, 22):
+            streams.append(engine.submit(request(tiny_model, n)))
+            await asyncio.sleep(0.005)
+        results = [(await stream.collect())[1] for stream in streams]
+    finally:
+        engine.shutdown()
+    assert all(result.finish_reason == "length" for result in results)
+    # One pass took them all (a worker that began at the first request took it alone)
+    assert of(record, "prefill") == [12 + 14 + 16 + 18 + 20 + 22]
