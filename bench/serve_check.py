@@ -152,12 +152,17 @@ class Timeline:
         self.last_token_at = 0.0  # the window of a load run ends at its last streamed token
 
 
-async def stream(engine: Any, ids: list[int], ref: Any, new_tokens: int, timeline: Timeline | None) -> tuple:
+async def stream(engine: Any, ids: list[int], ref: Any, new_tokens: int, timeline: Timeline | None,
+                 sampling: tuple[float, float] = (0.0, 1.0)) -> tuple:  # fmt: skip
+    """One request's stream; `sampling` is (temperature, top_p), greedy by default."""
     from app.llm.engine import GenerationRequest, SamplingParams
 
+    temperature, top_p = sampling
     submitted = time.perf_counter()
     s = engine.submit(
-        GenerationRequest(ids, SamplingParams(max_tokens=new_tokens, temperature=0), adapter=ref)
+        GenerationRequest(
+            ids, SamplingParams(max_tokens=new_tokens, temperature=temperature, top_p=top_p), adapter=ref
+        )
     )
     last, parts = None, []
     async for delta in s:
@@ -191,6 +196,7 @@ def engine_part(env: Env, refs: list[Any], spare: Any, cases: list[tuple[list[in
     )  # fmt: skip
     engine.start()
     by_key = {ref.key: ref for ref in refs}
+    load_sampling = (args.temperature, args.top_p)  # the load runs'; greedy elsewhere
     out: dict[str, Any] = {}
 
     async def run() -> None:
@@ -261,7 +267,8 @@ def engine_part(env: Env, refs: list[Any], spare: Any, cases: list[tuple[list[in
         timeline = Timeline()
         env.sync()
         started = time.perf_counter()
-        tasks = [asyncio.create_task(stream(engine, p, by_key.get(n or ""), args.new_tokens, timeline))
+        tasks = [asyncio.create_task(
+                     stream(engine, p, by_key.get(n or ""), args.new_tokens, timeline, load_sampling))
                  for p, n in cases]  # fmt: skip
         await asyncio.sleep(args.publish_after)
         publish_started = time.perf_counter()
@@ -306,7 +313,9 @@ def engine_part(env: Env, refs: list[Any], spare: Any, cases: list[tuple[list[in
 
         async def later(i: int, ids: list[int], name: str | None) -> tuple:
             await asyncio.sleep(i * args.arrival_ms / 1000)
-            return await stream(engine, ids, by_key.get(name or ""), args.new_tokens, staggered)
+            return await stream(
+                engine, ids, by_key.get(name or ""), args.new_tokens, staggered, load_sampling
+            )
 
         env.sync()
         started = time.perf_counter()
@@ -383,6 +392,15 @@ def main() -> int:
         "--no-triton-kernels", action="store_true", help="without the Triton NF4, rotary and norm kernels"
     )
     parser.add_argument("--arrival-ms", type=float, default=50.0, help="spacing of the staggered load run")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="the load runs' sampling (0: greedy; the API's default is 0.7)",
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="the load runs' nucleus (the API's default is 0.95)"
+    )
     parser.add_argument("--skip-plain", action="store_true", help="only the engine (no equality check)")
     parser.add_argument("--compare", type=int, default=6)
     parser.add_argument("--compare-tokens", type=int, default=32)

@@ -1032,30 +1032,44 @@ class _Step:
 def choose_tokens(
     logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
 ) -> torch.Tensor:
-    """Each row's next token ([rows] logits -> [rows] on the same device), without a host sync."""
+    """Each row's next token ([rows, vocab] logits -> [rows] on the same device), without a host
+    sync: greedy rows (temperature 0) by argmax, the others by temperature and nucleus (top-p)
+    sampling, all of them in the same few kernels but each drawing from its own generator.
+
+    The draw is what `torch.multinomial(probs, 1)` draws from the same random numbers (the
+    exponential race), without the check of the probabilities it first reads back to the host.
+    Row by row, sampling took about 14 launches a row: 450 a step for 32 chat replies (the API's
+    defaults sample), where the host has a step's time to launch the next one.
+    """
     chosen = logits.argmax(dim=-1)
-    for row, (row_params, generator) in enumerate(zip(params, generators, strict=True)):
-        if row_params.temperature >= GREEDY_BELOW:
-            chosen[row] = sample(logits[row], row_params, generator)
-    return chosen
+    sampled = [row for row, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
+    if not sampled:
+        return chosen
+    device = logits.device
+    temperature = _per_row([max(p.temperature, GREEDY_BELOW) for p in params], device)
+    probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
+    if any(params[row].top_p < 1.0 for row in sampled):
+        top_p = _per_row([p.top_p if p.top_p < 1.0 else math.inf for p in params], device)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p[:, None]
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill_(outside, 0.0))
+    race = torch.ones_like(probs)
+    for row in sampled:
+        race[row].exponential_(1, generator=generators[row])
+    drawn = (probs / race).argmax(dim=-1)
+    if len(sampled) == len(params):
+        return drawn
+    is_sampled = _per_row([p.temperature >= GREEDY_BELOW for p in params], device)
+    return torch.where(is_sampled, drawn, chosen)
+
+
+def _per_row(values: list[float] | list[bool], device: torch.device) -> torch.Tensor:
+    """A small per-row tensor on `device`, copied from pinned memory: queued behind the GPU's work
+    instead of waiting for it, as a copy from pageable memory would."""
+    on_host = torch.tensor(values, pin_memory=device.type == "cuda")
+    return on_host.to(device, non_blocking=True)
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Greedy at temperature 0; otherwise temperature and nucleus (top-p) sampling."""
-    return int(sample(logits, params, generator))
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """`sample_token`'s choice as a 0-d tensor on the logits' device, without a host sync."""
-    if params.temperature < GREEDY_BELOW:
-        return logits.argmax()
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    # What torch.multinomial(probs, 1) draws, from the same random numbers (the exponential race),
-    # without the check of the probabilities it first reads back to the host.
-    race = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / race).argmax()
+    """`choose_tokens` for one row of logits, read back."""
+    return int(choose_tokens(logits[None], [params], [generator])[0])

@@ -211,20 +211,30 @@ async def test_kv_buffers_that_do_not_fit_fail_the_request_that_needs_them_and_t
 
 def test_tokens_are_chosen_without_the_host_as_torch_multinomial_draws_them() -> None:
     """The decoding step chooses its tokens where the logits are, so the next step can be launched
-    before the host reads them (GenerationEngine._decode): greedy rows by argmax, sampled rows from
-    the same random numbers as torch.multinomial (which reads its check back to the host)."""
-    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(1)) * 3
-    params = [SamplingParams(8, temperature=0.0), SamplingParams(8, temperature=0.8), SamplingParams(8, 1.3)]
-    seeds = [0, 11, 12]
+    before the host reads them (GenerationEngine._decode): greedy rows by argmax, sampled rows (all
+    at once) from the same random numbers as torch.multinomial (which reads its check back to the
+    host), each from its own generator, within its nucleus where it has a top_p."""
+    logits = torch.randn(4, 500, generator=torch.Generator().manual_seed(1)) * 3
+    params = [
+        SamplingParams(8, temperature=0.0),
+        SamplingParams(8, temperature=0.8),
+        SamplingParams(8, 1.3),
+        SamplingParams(8, temperature=1.1, top_p=0.5),
+    ]
+    seeds = [0, 11, 12, 13]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     chosen = [choose_tokens(logits, params, generators) for _ in range(20)]
-    assert chosen[0].dtype == torch.long and chosen[0].shape == (3,)
+    assert chosen[0].dtype == torch.long and chosen[0].shape == (4,)
     assert {int(draws[0]) for draws in chosen} == {int(logits[0].argmax())}  # greedy: the argmax
-    for row in (1, 2):
+    for row in (1, 2, 3):
         generator = torch.Generator().manual_seed(seeds[row])
         probs = torch.softmax(logits[row] / params[row].temperature, dim=-1)
+        if params[row].top_p < 1.0:  # the smallest set of most likely tokens reaching top_p
+            order = probs.argsort(descending=True)
+            before = probs[order].cumsum(0) - probs[order]
+            probs = torch.zeros_like(probs).index_put_((order,), torch.where(before > 0.5, 0.0, probs[order]))
         expected = [int(torch.multinomial(probs, 1, generator=generator)) for _ in range(20)]
-        assert [int(draws[row]) for draws in chosen] == expected
+        assert [int(draws[row]) for draws in chosen] == expected, row
         assert len(set(expected)) > 1, "a temperature this high draws more than one token"
 
 
