@@ -502,7 +502,8 @@ class GenerationEngine:
                     idle = not (calls or self._waiting or self._running)
                 if idle:
                     # One at a time: a request that comes meanwhile waits for one capture or warm-up.
-                    self._capture_graph() or self._warm_pass_size()
+                    if not self._capture_graph():
+                        self._warm_pass_size()
                     continue
                 for call in calls:
                     call()
