@@ -6,8 +6,9 @@ Falcon-7B's layer shapes, and 0.2 to 0.6 ms the next time (bench/gemm_shapes.py)
 prefill pass has a new token count almost every time, so nearly every request paid that in its
 time to first token while the GPU sat idle (17 ms a pass in `bench/decode_profile.py --prefill`).
 
-So a pass's token count is rounded up to one of 16 sizes per octave (at most 1/16 more tokens,
-3% on average, which the padding tokens compute and nobody reads), its kept logits' rows to a power
+So a pass's token count is rounded up to one of 16 sizes per octave (a multiple of 64: above
+1,024 tokens at most 1/16 more, 3% on average, which the padding computes and nobody reads; below,
+more in proportion, where a pass is bound by the host anyway), its kept logits' rows to a power
 of two, and the engine warms every size while it is idle: each distinct linear layer of the model
 run once on that many rows of zeros, through the same modules (4-bit dequantization, LoRA) as a
 pass. Passes of up to `FEWEST` tokens run the 4-bit Triton kernels, not cuBLAS, and keep their size.
