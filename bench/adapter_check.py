@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import gc
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -62,6 +61,7 @@ from bench.gpu_check import (
     make_checkpoint,
     prompt,
     results,
+    write_json,
 )
 
 TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
@@ -83,14 +83,8 @@ def elapsed() -> float:
     return time.perf_counter() - STARTED
 
 
-def out_path() -> Path:
-    out_dir = Path(os.environ.get("OUT") or "/tmp")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir / "adapter_check.json"
-
-
-def save() -> None:
-    out_path().write_text(json.dumps(results, indent=1))
+def save() -> Path:
+    return write_json("adapter_check.json", results)
 
 
 def r3(x: float | None) -> float | None:
@@ -595,7 +589,7 @@ def main() -> int:
         traceback.print_exc()
     log("wall_s", round(elapsed(), 1))
     save()
-    print(f"\nwrote {out_path()}\n")
+    print(f"\nwrote {save()}\n")
     print(table(), flush=True)
     return 1 if failed else 0
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
-import os
 import sys
 import time
 from collections import defaultdict
@@ -35,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.adapter_check import make_adapter
-from bench.gpu_check import Env, log, make_checkpoint, results
+from bench.gpu_check import Env, log, make_checkpoint, results, write_json
 from bench.serve_check import WORK, burst_prompts, prompt_ids, stream
 
 
@@ -282,9 +280,7 @@ def main() -> int:
         engine.shutdown()
     name = "decode_profile-compiled.json" if args.compile else "decode_profile.json"
     name = f"prefill_profile-{args.prefill_chunk}.json" if args.prefill else name
-    path = Path(os.environ.get("OUT") or "/tmp") / name
-    path.write_text(json.dumps(results, indent=1, default=str))
-    print(f"wrote {path}")
+    print(f"wrote {write_json(name, results)}")
     return 0
 
 

@@ -14,7 +14,6 @@ Prints one JSON line per library and writes $OUT/gemm_shapes.json (or /tmp).
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -22,8 +21,13 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.gpu_check import write_json
+from bench.lora_kernels import SHAPES as LAYER_SHAPES
+
 # Falcon-7B's linear layers (in, out), and the LoRA products of 5 slots x rank 16
-SHAPES = [(4544, 4672), (4544, 4544), (4544, 18176), (18176, 4544), (4544, 80), (80, 18176)]
+SHAPES = [*LAYER_SHAPES, (4544, 80), (80, 18176)]
 
 
 def host_ms(fn: Callable[[], torch.Tensor]) -> float:
@@ -60,9 +64,7 @@ def main() -> int:
             )
         out[library] = rows
         print(json.dumps({library: rows}))
-    path = Path(os.environ.get("OUT") or "/tmp") / "gemm_shapes.json"
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
+    print(f"wrote {write_json('gemm_shapes.json', out)}")
     return 0
 
 

@@ -54,6 +54,20 @@ def log(key: str, value: Any) -> None:
     print(json.dumps({key: value}), flush=True)
 
 
+def out_dir() -> Path:
+    """Where a run writes its files: $OUT on the GPU machine (the device tool brings it back), else /tmp."""
+    path = Path(os.environ.get("OUT") or "/tmp")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(name: str, data: Any) -> Path:
+    """`data` as indented JSON in `out_dir()`/`name` (anything else as its str); returns the path."""
+    path = out_dir() / name
+    path.write_text(json.dumps(data, indent=1, default=str))
+    return path
+
+
 def log_tree(root: Path) -> None:
     """Record which commit (and which local changes) a run measured."""
     import subprocess
@@ -526,11 +540,7 @@ def main() -> int:
             failed = True
             log("speed.error", repr(error)[:400])
             traceback.print_exc()
-    out_dir = os.environ.get("OUT") or "/tmp"
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(out_dir) / "gpu_check.json"
-    path.write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {path}\n")
+    print(f"\nwrote {write_json('gpu_check.json', results)}\n")
     print(table(), flush=True)
     return 1 if failed else 0
 

@@ -17,7 +17,6 @@ graph (as the server runs it) and replayed:
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
+
+from bench.gpu_check import write_json
 
 SHAPES = [(4544, 4672), (4544, 4544), (4544, 18176), (18176, 4544)]  # (in, out) of Falcon-7B's linears
 LAYERS, SLOTS, RANK = 32, 10, 16
@@ -133,9 +134,7 @@ def main() -> int:
                 ),
                 flush=True,
             )
-    path = Path(os.environ.get("OUT") or "/tmp") / "lora_kernels.json"
-    path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {path}")
+    print(f"wrote {write_json('lora_kernels.json', results)}")
     return 0
 
 

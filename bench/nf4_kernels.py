@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -41,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.lora_kernels import time_graph
+from bench.gpu_check import write_json
+from bench.lora_kernels import SHAPES, time_graph
 
-SHAPES = [(4544, 4672), (4544, 4544), (4544, 18176), (18176, 4544)]  # (in, out) of Falcon-7B's linears
 LAYERS = 32
 
 
@@ -136,9 +135,7 @@ def main() -> int:
             flush=True,
         )
     results["model_ms"] = model_ms
-    path = Path(os.environ.get("OUT") or "/tmp") / "nf4_kernels.json"
-    path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {path}")
+    print(f"wrote {write_json('nf4_kernels.json', results)}")
     print("\nms per step, 32 layers x 4 shapes")
     print(f"{'rows':>5} | " + " | ".join(f"{way:>12}" for way in ways))
     for rows in model_ms["bnb"]:

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import functools
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.llm.attention import multi_query_attention, packed_prompts, varlen_unusable
+from bench.gpu_check import write_json
 
 # varlen before packed: a varlen_attn that fails shows its own error in its row, and packed then
 # shows the fallback it took (kernel_calls).
@@ -165,9 +165,7 @@ def main() -> int:
             f"{row['tokens']:>7} {row['prompts']:>7} {row['way']:>9} {row['ms']:>9.3f} {speedup:>9} "
             f"{row['max_diff']:>9.2e}"
         )
-    path = Path(os.environ.get("OUT") or "/tmp") / "prefill_attention.json"
-    path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {path}")
+    print(f"wrote {write_json('prefill_attention.json', results)}")
     return 0
 
 

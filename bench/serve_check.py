@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import random
 import re
 import sys
@@ -45,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.adapter_check import make_adapter
-from bench.gpu_check import EOS_ID, Env, generate, log, log_tree, make_checkpoint, results
+from bench.gpu_check import EOS_ID, Env, generate, log, log_tree, make_checkpoint, results, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path("/tmp/serve_check")
@@ -481,9 +479,7 @@ def main() -> int:
         traceback.print_exc()
         log("engine.error", repr(error)[:400])
     log("total_wall_s", round(time.perf_counter() - started, 1))
-    path = Path(os.environ.get("OUT") or "/tmp") / "serve_check.json"
-    path.write_text(json.dumps(results, indent=1, default=str))
-    print(f"\nwrote {path}\n\n{table(plain_out, engine_out)}", flush=True)
+    print(f"\nwrote {write_json('serve_check.json', results)}\n\n{table(plain_out, engine_out)}", flush=True)
     return 1 if failed else 0
 
 

@@ -61,7 +61,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.gpu_check import EOS_ID, Env, falcon_config, log, log_tree, make_checkpoint, results  # noqa: E402
+from bench.gpu_check import (  # noqa: E402
+    EOS_ID,
+    Env,
+    falcon_config,
+    log,
+    log_tree,
+    make_checkpoint,
+    results,
+    write_json,
+)
 
 EPOCH_RECORDS = 68_900  # finance-alpaca
 FINANCE_YAML = ROOT / "training" / "configs" / "falcon-7b-finance.yaml"
@@ -71,12 +80,6 @@ SHOWN_SETTINGS = ("group_by_length", "gradient_checkpointing", "optimizer", "max
                   "gradient_accumulation_steps", "micro_batch_tokens", "quantization", "lr_scheduler",
                   "learning_rate")  # fmt: skip
 PLAIN_ATTENTION = "--plain-attention"  # a variant's flag: B without app.llm.attention's fused kernels
-
-
-def out_dir() -> Path:
-    path = Path(os.environ.get("OUT") or "/tmp")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -776,9 +779,7 @@ def main() -> int:
         )
     ratio = "\n" + "\n".join(ratios) if ratios else None
     log("total_wall_s", round(time.perf_counter() - started, 1))
-    path = out_dir() / "train_check.json"
-    path.write_text(json.dumps(results, indent=1, default=str))
-    print(f"\nwrote {path}\n")
+    print(f"\nwrote {write_json('train_check.json', results)}\n")
     if rows:
         print(table(rows, ratio), flush=True)
     return 1 if failed else 0

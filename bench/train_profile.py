@@ -61,7 +61,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.gpu_check import Env, log, log_tree, results  # noqa: E402
+from bench.gpu_check import Env, log, log_tree, out_dir, results, write_json  # noqa: E402
 from bench.train_check import FINANCE_YAML, ensure_checkpoint, make_data  # noqa: E402
 
 WORK = Path("/tmp/train_profile")
@@ -70,20 +70,12 @@ PHASES = ("data", "forward", "loss_metrics", "backward", "clip", "optimizer", "s
 STARTED = time.perf_counter()
 
 
-def out_dir() -> Path:
-    path = Path(os.environ.get("OUT") or "/tmp")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def elapsed() -> float:
     return time.perf_counter() - STARTED
 
 
 def dump() -> Path:
-    path = out_dir() / "train_profile.json"
-    path.write_text(json.dumps(results, indent=1, default=str))
-    return path
+    return write_json("train_profile.json", results)
 
 
 def gib(n: int | None) -> float | None:
