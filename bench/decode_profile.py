@@ -59,12 +59,17 @@ def compile_decoder_layers(model: Any) -> int:
     return len(layers)
 
 
+# The worker's phases, as app/llm/engine.py labels them with record_function. The profiler also
+# shows each on the GPU's timeline (a span, not a kernel), under the same name.
+PHASES = ("admit", "prefill", "packed pass", "first tokens", "join", "decode", "stream tokens")
+
+
 def kernels(prof: Any, steps: int, top: int) -> list[dict[str, Any]]:
     """GPU time and launches per step by kernel name, largest first."""
     time_us: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.name not in PHASES:
             time_us[event.name] += event.device_time
             count[event.name] += 1
     total = sum(time_us.values())
@@ -107,10 +112,6 @@ def host_ops(prof: Any, top: int) -> dict[str, Any]:
             if event.key.startswith(waits)
         },
     }
-
-
-# The worker's phases, as app/llm/engine.py labels them with record_function
-PHASES = ("admit", "prefill", "packed pass", "first tokens", "join", "decode", "stream tokens")
 
 
 def gpu_idle(prof: Any, top: int) -> dict[str, Any]:
