@@ -1042,10 +1042,9 @@ def choose_tokens(
     Row by row, sampling took about 14 launches a row: 450 a step for 32 chat replies (the API's
     defaults sample), where the host has a step's time to launch the next one.
     """
-    chosen = logits.argmax(dim=-1)
     sampled = [row for row, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
     if not sampled:
-        return chosen
+        return logits.argmax(dim=-1)
     device = logits.device
     temperature = _per_row([max(p.temperature, GREEDY_BELOW) for p in params], device)
     probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
@@ -1061,7 +1060,7 @@ def choose_tokens(
     if len(sampled) == len(params):
         return drawn
     is_sampled = _per_row([p.temperature >= GREEDY_BELOW for p in params], device)
-    return torch.where(is_sampled, drawn, chosen)
+    return torch.where(is_sampled, drawn, logits.argmax(dim=-1))
 
 
 def _per_row(values: list[float] | list[bool], device: torch.device) -> torch.Tensor:

@@ -14,7 +14,7 @@ from app.llm.shapes import FEWEST, logit_rows, pass_tokens, prefill_shapes
 from tests.conftest import build_adapter
 
 
-def test_a_pass_runs_at_one_of_a_few_sizes_a_sixteenth_above_it_at_most() -> None:
+def test_a_pass_runs_at_one_of_a_few_sizes_at_most_a_sixteenth_above_it_past_1024_tokens() -> None:
     sizes = {pass_tokens(n) for n in range(1, 8193)}
     assert all(pass_tokens(n) == n for n in range(1, FEWEST + 1))  # the Triton kernels' passes
     for n in range(FEWEST + 1, 8193):
